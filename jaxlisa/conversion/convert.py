@@ -1,0 +1,177 @@
+"""Checkpoint conversion end to end: detect -> configure -> map -> validate -> save (atomic),
+and loading a converted (or raw HF/PyTorch) checkpoint back as (module, params, config).
+
+A converted directory is self-describing:
+  jaxlisa_config.json   {"format": 1, "family": ..., "config": {...}, "source": ...}
+  params/               orbax PyTree checkpoint of the parameter tree
+  tokenizer files       copied from the source when it had them
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+from jaxlisa.conversion import registry
+from jaxlisa.conversion.checkpoint_io import CheckpointError, open_checkpoint, read_config_json
+from jaxlisa.conversion.keymap import convert_state, export_state
+
+CONFIG_FILE = "jaxlisa_config.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "qwen.tiktoken",
+                   "generation_config.json", "preprocessor_config.json", "chat_template.jinja")
+DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
+
+
+def _np_dtype(name: str):
+  if name not in DTYPES:
+    raise CheckpointError(f"unsupported --dtype {name!r}; choose from {sorted(DTYPES)}")
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  return ml_dtypes.bfloat16 if name == "bfloat16" else DTYPES[name]
+
+
+@dataclasses.dataclass
+class Converted:
+  family: str
+  config: Any  # the model config dataclass
+  params: dict  # nested numpy arrays
+
+
+def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float32",
+                       config_overrides: dict | None = None, progress=None) -> Converted:
+  """Read a PyTorch/HF checkpoint (file or directory) into jaxlisa params (numpy, in memory)."""
+  source = open_checkpoint(src)
+  cfg_json = read_config_json(src)
+  fam = registry.get_family(family) if family else registry.detect_family(cfg_json, source.keys())
+  model_config = fam.config_from_hf(cfg_json, source)
+  if config_overrides:
+    model_config = dataclasses.replace(model_config, **config_overrides)
+  expected = registry.abstract_params(fam, model_config)
+  scan = getattr(model_config, "scan_layers", True)
+  params = convert_state(source, fam.rules(model_config, source.keys()), expected, scan=scan,
+                         dtype=_np_dtype(dtype), skip=fam.skip, keep_dtype=fam.keep_fp32, progress=progress)
+  logging.info("converted %d tensors of %s as family %s", len(source), src, fam.name)
+  return Converted(fam.name, model_config, params)
+
+
+def save_converted(dst: str, conv: Converted, source_dir: str | None = None, overwrite: bool = False) -> str:
+  """Write `conv` to `dst` atomically (temporary sibling directory, renamed at the end)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  dst = os.path.abspath(dst)
+  if os.path.exists(dst) and not overwrite:
+    if os.listdir(dst):
+      raise CheckpointError(f"destination {dst} exists and is not empty (pass --overwrite)")
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(dst) + "-", dir=parent)
+  try:
+    meta = {"format": FORMAT_VERSION, "family": conv.family, "config": conv.config.to_dict(),
+            "source": source_dir}
+    with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
+      json.dump(meta, fh, indent=2, default=str)
+    with ocp.PyTreeCheckpointer() as ckpt:
+      ckpt.save(os.path.join(tmp, PARAMS_DIR), conv.params)
+    if source_dir:
+      sdir = source_dir if os.path.isdir(source_dir) else os.path.dirname(source_dir)
+      for name in TOKENIZER_FILES:
+        if os.path.exists(os.path.join(sdir, name)):
+          shutil.copy2(os.path.join(sdir, name), os.path.join(tmp, name))
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    os.replace(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return dst
+
+
+def is_converted(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, CONFIG_FILE))
+
+
+def read_meta(path: str) -> dict:
+  with open(os.path.join(path, CONFIG_FILE)) as fh:
+    meta = json.load(fh)
+  if meta.get("format") != FORMAT_VERSION:
+    raise CheckpointError(f"{path}: unsupported jaxlisa checkpoint format {meta.get('format')}")
+  return meta
+
+
+def load_params(path: str) -> dict:
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  with ocp.PyTreeCheckpointer() as ckpt:
+    return ckpt.restore(os.path.join(os.path.abspath(path), PARAMS_DIR))
+
+
+@dataclasses.dataclass
+class Pretrained:
+  module: Any
+  params: dict
+  config: Any
+  family: str
+  tokenizer: Any = None
+
+  def __iter__(self):  # module, params, config = load_pretrained(...)
+    return iter((self.module, self.params, self.config))
+
+
+def load_tokenizer(path: str):
+  """A transformers tokenizer from `path` when it has tokenizer files, else None."""
+  if not any(os.path.exists(os.path.join(path, f)) for f in
+             ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
+    return None
+  from transformers import AutoTokenizer, PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
+  if os.path.exists(os.path.join(path, "tokenizer.json")):
+    return PreTrainedTokenizerFast.from_pretrained(path)  # exact round trip of the saved tokenizer
+  return AutoTokenizer.from_pretrained(path)
+
+
+def load_pretrained(path: str, *, family: str | None = None, dtype: str | None = None,
+                    config_overrides: dict | None = None, with_tokenizer: bool = True) -> Pretrained:
+  """Load a converted jaxlisa directory, or convert a HF/PyTorch checkpoint in memory.
+
+  Returns Pretrained(module, params, config, family, tokenizer); it also unpacks as
+  `module, params, config = load_pretrained(path)`. `config_overrides` replace model config
+  fields (e.g. dtype="bfloat16", remat_policy="full") before the module is built.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(path):
+    raise CheckpointError(f"checkpoint not found: {path}")
+  if is_converted(path):
+    meta = read_meta(path)
+    fam = registry.get_family(meta["family"])
+    config = fam.config_cls.from_dict(meta["config"])
+    params = load_params(path)
+  else:
+    conv = convert_checkpoint(path, family=family, dtype=dtype or "float32")
+    fam, config, params = registry.get_family(conv.family), conv.config, conv.params
+  if config_overrides:
+    config = dataclasses.replace(config, **config_overrides)
+  if dtype is not None and hasattr(config, "param_dtype"):
+    params = jax.tree.map(lambda x: np.asarray(x).astype(_np_dtype(dtype)), params)
+  tok = None
+  if with_tokenizer:
+    tdir = path if os.path.isdir(path) else os.path.dirname(path)
+    tok = load_tokenizer(tdir)
+  return Pretrained(fam.build(config), params, config, fam.name, tok)
+
+
+def export_checkpoint(params: dict, family: str, config, dst_file: str) -> dict[str, np.ndarray]:
+  """Write params back as a PyTorch-named safetensors file (HF layout); returns the state dict."""
+  fam = registry.get_family(family)
+  if fam.export_rules is None:
+    raise CheckpointError(f"family {family} has no export map")
+  state = export_state(params, fam.export_rules(config, ()), scan=getattr(config, "scan_layers", True))
+  if dst_file:
+    from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, dst_file)
+  return state

@@ -1,0 +1,63 @@
+"""Test-wide settings: CPU, fp32 matmuls at highest precision, a stub torchvision for
+segment-anything, and small helpers shared by the parity tests."""
+
+import os
+import sys
+import types
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def stub_torchvision():
+  """segment-anything imports torchvision at package import; torchvision does not install
+  beside torch 2.13 here. Only names are needed for the modules the tests use."""
+  if "torchvision" in sys.modules:
+    return
+  tv = types.ModuleType("torchvision")
+  tr = types.ModuleType("torchvision.transforms")
+  fn = types.ModuleType("torchvision.transforms.functional")
+  ops = types.ModuleType("torchvision.ops")
+  boxes = types.ModuleType("torchvision.ops.boxes")
+
+  def _unavailable(*a, **k):
+    raise RuntimeError("torchvision is stubbed in tests")
+
+  fn.resize = _unavailable
+  fn.to_pil_image = _unavailable
+  boxes.batched_nms = _unavailable
+  boxes.box_area = _unavailable
+  tr.functional = fn
+  ops.boxes = boxes
+  tv.transforms = tr
+  tv.ops = ops
+  sys.modules.update({"torchvision": tv, "torchvision.transforms": tr,
+                      "torchvision.transforms.functional": fn, "torchvision.ops": ops,
+                      "torchvision.ops.boxes": boxes})
+
+
+def max_abs_diff(a, b, mask=None) -> float:
+  a = np.asarray(a, np.float64)
+  b = np.asarray(b.detach().numpy() if hasattr(b, "detach") else b, np.float64)
+  assert a.shape == b.shape, (a.shape, b.shape)
+  d = np.abs(a - b)
+  if mask is not None:
+    d = d[np.asarray(mask, bool)]
+  return float(d.max()) if d.size else 0.0
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads():
+  try:
+    import torch
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+  except ImportError:
+    pass
