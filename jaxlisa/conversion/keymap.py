@@ -79,7 +79,8 @@ class Rule:
 
   src:   source key template ("model.layers.{i}.mlp.up_proj.weight").
   dst:   destination path template ("layers/{i}/mlp/up_proj/kernel"), or a tuple of them
-         when `split` cuts one source tensor into parts (fused qkv).
+         when `split` cuts one source tensor into parts (fused qkv); an empty tuple marks a
+         known tensor that is not a parameter here (e.g. a tied lm_head copy) and is dropped.
   t:     transform applied to each part.
   split: (axis, sizes) of the source tensor, for fused tensors; None otherwise.
   """
@@ -173,6 +174,8 @@ def convert_state(source, rules: Sequence[Rule], expected: Mapping[str, Any], *,
       if not any(s.search(key) for s in skip_re):
         unmapped.append(key)
       continue
+    if not rule.dsts:
+      continue
     x = source.get(key) if hasattr(source, "get") else source[key]
     x = np.asarray(x)
     parts = [x] if rule.split is None else np.split(
@@ -236,6 +239,8 @@ def export_state(params: Mapping[str, Any], rules: Sequence[Rule], *, scan: bool
   out: dict[str, np.ndarray] = {}
   used: set[Path] = set()
   for rule in rules:
+    if not rule.dsts:
+      continue
     fields = sorted(set(_FIELD.findall(rule.src)))
     # enumerate index values from the params present
     for combo in _index_combos(rule, flat, scan, fields):

@@ -113,8 +113,7 @@ def llama_rules(c: DecoderConfig, prefix: str = "model.", head: str = "lm_head."
   for n in ("gate_proj", "up_proj", "down_proj"):
     rules += [Rule(L + f"mlp.{n}.weight", d + f"mlp/{n}/kernel", LINEAR),
               Rule(L + f"mlp.{n}.bias", d + f"mlp/{n}/bias")]
-  if not c.tie_word_embeddings:
-    rules.append(Rule(f"{head}weight", "lm_head/kernel", LINEAR))
+  rules.append(Rule(f"{head}weight", () if c.tie_word_embeddings else "lm_head/kernel", LINEAR))
   return rules
 
 
@@ -141,6 +140,7 @@ def opt_rules(c: DecoderConfig, prefix: str = "model.decoder.") -> list[Rule]:
   for n in ("fc1", "fc2"):
     rules += [Rule(L + f"{n}.weight", d + f"mlp/{n}/kernel", LINEAR),
               Rule(L + f"{n}.bias", d + f"mlp/{n}/bias")]
+  rules.append(Rule("lm_head.weight", ()))  # tied to embed_tokens
   return rules
 
 
@@ -164,8 +164,7 @@ def qwen1_rules(c: DecoderConfig) -> list[Rule]:
       Rule(L + "mlp.w2.weight", d + "mlp/gate_proj/kernel", LINEAR),
       Rule(L + "mlp.c_proj.weight", d + "mlp/down_proj/kernel", LINEAR),
   ]
-  if not c.tie_word_embeddings:
-    rules.append(Rule("lm_head.weight", "lm_head/kernel", LINEAR))
+  rules.append(Rule("lm_head.weight", () if c.tie_word_embeddings else "lm_head/kernel", LINEAR))
   return rules
 
 

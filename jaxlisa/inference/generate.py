@@ -1,0 +1,129 @@
+"""Jit-compiled incremental decoding with a functional KV cache.
+
+Prompts are left-padded ([B, P], `left_pad` converts right-padded batches). One prefill call
+fills the cache for all P slots, then a `lax.while_loop` decodes one token per step into slots
+P, P+1, ... until every row has produced an eos/stop id or `max_new_tokens` is reached. Rows that
+finished emit `pad_token_id`, as HF `generate` does. Greedy decoding equals HF's token for token;
+sampling applies temperature, then top-k, then top-p (HF's warper order).
+
+The model is any module with DecoderLM's calling convention (`input_ids | inputs_embeds`,
+`attention_mask` over cache slots, `cache`, `cache_index`, `return_logits`) and a `logits`
+method; `inputs_embeds` lets LLaVA/LISA put image features in the prefix.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
+
+from jaxlisa.models import llm as llm_lib
+
+
+@flax.struct.dataclass
+class GenerateOutput:
+  tokens: jax.Array  # [B, N] new tokens (pad after a row finished)
+  lengths: jax.Array  # [B] number of tokens generated per row, eos included
+  last_hidden: jax.Array | None = None  # [B, N, D] final-normed hidden state that produced each token
+
+
+def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int = 0):
+  """Move each row's real tokens to the right end (host-side, numpy). [B, T] -> [B, T]."""
+  ids = np.full_like(input_ids, pad_id)
+  mask = np.zeros_like(attention_mask)
+  for b in range(input_ids.shape[0]):  # host-side data preparation, not traced
+    real = input_ids[b][attention_mask[b].astype(bool)]
+    if len(real):
+      ids[b, -len(real):] = real
+      mask[b, -len(real):] = 1
+  return ids, mask
+
+
+def _filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+  """logits [B, V] -> logits with -inf outside the top-k / nucleus."""
+  logits = logits / jnp.maximum(temperature, 1e-6)
+  neg = jnp.finfo(logits.dtype).min
+  if top_k and top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)  # ascending, as HF's TopPLogitsWarper
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = cum <= (1 - top_p)
+    remove_sorted = remove_sorted.at[:, -1].set(False)  # keep at least the best token
+    thresh = jnp.max(jnp.where(remove_sorted, sorted_logits, neg), axis=-1, keepdims=True)
+    any_removed = jnp.any(remove_sorted, axis=-1, keepdims=True)
+    logits = jnp.where(any_removed & (logits <= thresh), neg, logits)
+  return logits
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "stop_ids", "pad_token_id",
+                                             "do_sample", "temperature", "top_k", "top_p", "streamer",
+                                             "collect_hidden"))
+def generate(module, params, input_ids: jax.Array | None, attention_mask: jax.Array, *,
+             inputs_embeds: jax.Array | None = None, max_new_tokens: int = 32,
+             stop_ids: Sequence[int] = (), pad_token_id: int = 0, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             rng: jax.Array | None = None, streamer: Callable | None = None,
+             collect_hidden: bool = False) -> GenerateOutput:
+  """Decode up to `max_new_tokens` after a left-padded prompt.
+
+  input_ids [B, P] (or inputs_embeds [B, P, D]); attention_mask [B, P] (1 = real token).
+  stop_ids: eos and any extra stop token ids. streamer(step, tokens[B]) is called on the host
+  after each step (ordered io_callback) when given. collect_hidden keeps the last hidden state
+  that produced each new token ([B, N, D]), e.g. to read LISA's [SEG] embeddings.
+  """
+  c = module.config
+  variables = {"params": params}
+  b, p = attention_mask.shape
+  total = p + max_new_tokens
+  cache = llm_lib.init_cache(c, b, total)
+  mask = jnp.concatenate([attention_mask.astype(jnp.int32), jnp.zeros((b, max_new_tokens), jnp.int32)], 1)
+  out = module.apply(variables, input_ids, mask, inputs_embeds=inputs_embeds, cache=cache,
+                     cache_index=0, return_logits=False)
+  last = out.last_hidden_state[:, -1:]
+  logits = module.apply(variables, last, method=module.logits)[:, -1].astype(jnp.float32)
+  stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  d = last.shape[-1]
+
+  def pick(logits, key):
+    if not do_sample:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+
+  def cond(state):
+    i, _, _, done, *_ = state
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    i, tokens, hidden, done, logits, last, cache, mask, rng = state
+    rng, key = jax.random.split(rng)
+    tok = pick(logits, key)
+    tok = jnp.where(done, pad_token_id, tok)
+    tokens = tokens.at[:, i].set(tok)
+    if collect_hidden:
+      hidden = hidden.at[:, i].set(last[:, 0].astype(hidden.dtype))
+    if streamer is not None:
+      io_callback(streamer, None, i, tok, ordered=True)
+    new_done = done | jnp.any(tok[:, None] == stop[None, :], axis=-1)
+    mask = mask.at[:, p + i].set(1)
+    o = module.apply(variables, tok[:, None], mask, cache=cache, cache_index=p + i, return_logits=False)
+    new_logits = module.apply(variables, o.last_hidden_state, method=module.logits)[:, -1]
+    return (i + 1, tokens, hidden, new_done, new_logits.astype(jnp.float32), o.last_hidden_state,
+            o.cache, mask, rng)
+
+  tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
+  hidden = jnp.zeros((b, max_new_tokens, d) if collect_hidden else (b, 0, d), last.dtype)
+  done = jnp.zeros((b,), bool)
+  state = (jnp.int32(0), tokens, hidden, done, logits, last, out.cache, mask, rng)
+  _, tokens, hidden, done, *_ = jax.lax.while_loop(cond, body, state)
+  is_stop = jnp.any(tokens[..., None] == stop[None, None, :], axis=-1)
+  first_stop = jnp.where(jnp.any(is_stop, 1), jnp.argmax(is_stop, 1) + 1, max_new_tokens)
+  return GenerateOutput(tokens=tokens, lengths=first_stop.astype(jnp.int32),
+                        last_hidden=hidden if collect_hidden else None)
