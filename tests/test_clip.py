@@ -145,6 +145,16 @@ def test_llava_prefixes(ref, converted, prefix):
     np.testing.assert_array_equal(keymap.flatten_tree(params)[path], v, err_msg="/".join(path))
 
 
+def test_no_config_json(tmp_path, ref, converted):
+  """A bare safetensors file: dims come from tensor shapes (heads assume head_dim 64 unless overridden)."""
+  import shutil
+  shutil.copy(f"{ref[1]}/model.safetensors", tmp_path / "clip.safetensors")
+  conv = convert_checkpoint(str(tmp_path / "clip.safetensors"), config_overrides={"num_attention_heads": 4})
+  assert conv.family == "clip_vision" and conv.config == converted.config
+  for path, v in keymap.flatten_tree(converted.params).items():
+    np.testing.assert_array_equal(keymap.flatten_tree(conv.params)[path], v, err_msg="/".join(path))
+
+
 def test_export_round_trip(ref, converted):
   back = keymap.export_state(converted.params, clip_vision_rules(converted.config, ""))
   want = _hf_state(ref[0])

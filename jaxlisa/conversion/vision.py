@@ -108,7 +108,7 @@ def _clip_config(cfg, src) -> CLIPVisionConfig:
   inter = src.shape(p + "encoder.layers.0.mlp.fc1.weight")[0]
   n_pos = src.shape(p + "embeddings.position_embedding.weight")[0]
   grid = int(round((n_pos - 1) ** 0.5))
-  heads = hidden // 64
+  heads = max(1, hidden // 64)
   logging.warning("no config.json for the CLIP checkpoint: inferred width %d, %d layers, %d heads "
                   "(head_dim 64 assumed), image %d", hidden, layers, heads, grid * patch)
   return CLIPVisionConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
