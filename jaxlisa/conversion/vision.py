@@ -22,7 +22,7 @@ from absl import logging
 import numpy as np
 
 from jaxlisa.conversion.checkpoint_io import CheckpointError
-from jaxlisa.conversion.keymap import CONV, FLAT, IDENTITY, LINEAR, LINEAR_IN2, Rule, Transform
+from jaxlisa.conversion.keymap import CONV, FLAT, LINEAR, LINEAR_IN2, Rule, Transform
 from jaxlisa.conversion.registry import Family, any_key, register
 from jaxlisa.models import clip as clip_lib
 from jaxlisa.models import eva as eva_lib
