@@ -426,7 +426,7 @@ def test_truncation(legacy_tok):
 
 def test_mismatch_is_dropped_with_warning(legacy_tok):
   # "€" is not in the vocabulary: it becomes <unk> = the pad id, which the count leaves out.
-  source = [{"from": "human", "value": "What costs 5€?"}, {"from": "gpt", "value": "It is [SEG]."}]
+  source = [{"from": "human", "value": "What costs 5€?"}, {"from": "gpt", "value": A}]
   with mock.patch.object(T.logging, "warning") as warn:
     got = T.preprocess_conversation(source, legacy_tok, C.llava_v1, False, 2048, legacy=True)
   assert got.dropped and warn.call_count == 1
@@ -460,7 +460,8 @@ def test_lisa_collate(conv_type, legacy_tok):
       n = len(got.input_ids)
       np.testing.assert_array_equal(got.input_ids, ref_ids[i, :n])
       np.testing.assert_array_equal(got.labels, ref_labels[i, :n])
-      assert (ref_labels[i, n:] == IGNORE).all() and (ref_ids[i, n:] == legacy_tok.pad_token_id).all()
+      assert (ref_labels[i, n:] == IGNORE).all()
+      assert (ref_ids[i, n:] == legacy_tok.pad_token_id).all()
       assert got.dropped == (not ok[i]) and not got.dropped
       assert "<im_start><image><im_end>" in got.prompt or "<image>" not in conv
   runs = [legacy_tok.decode(r) for r in _label_runs(T.preprocess_lisa(

@@ -126,10 +126,11 @@ class Conversation:
     raise ValueError(f"unknown separator style {self.sep_style}")
 
 
-_VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-_LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+_VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
+                  "assistant gives helpful, detailed, and polite answers to the user's questions.")
+_LLAVA_V1_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. The "
+    "assistant gives helpful, detailed, and polite answers to the human's questions.")
 _LLAMA_2_SYSTEM = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, "
     "while being safe.  Your answers should not include any harmful, unethical, racist, sexist, "

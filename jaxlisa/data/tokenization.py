@@ -200,7 +200,8 @@ def preprocess_lisa(conversation: str, tokenizer, template: Conversation,
   prompt = replace_image_tokens(conversation, use_mm_start_end)
   has_image = DEFAULT_IMAGE_TOKEN in prompt
   input_ids = np.asarray(tokenizer_image_token(prompt, tokenizer), np.int32)
-  sep = template.sep + template.roles[1] + ": " if template.sep_style is SepStyle.TWO else "[/INST] "
+  two = template.sep_style is SepStyle.TWO
+  sep = template.sep + template.roles[1] + ": " if two else "[/INST] "
   labels, dropped = _mask_rounds(input_ids, prompt.split(template.sep2), sep,
                                  _token_counter(tokenizer, has_image),
                                  pad_token_id=tokenizer.pad_token_id, max_length=max_length,
