@@ -21,6 +21,10 @@ def stub_torchvision():
   beside torch 2.13 here. Only names are needed for the modules the tests use."""
   if "torchvision" in sys.modules:
     return
+  try:  # transformers caches "torchvision available?" at import; let it look before the stub exists
+    import transformers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  except ImportError:
+    pass
   tv = types.ModuleType("torchvision")
   tr = types.ModuleType("torchvision.transforms")
   fn = types.ModuleType("torchvision.transforms.functional")

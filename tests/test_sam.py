@@ -13,8 +13,6 @@ import conftest
 from conftest import max_abs_diff
 
 torch = pytest.importorskip("torch")
-import transformers  # noqa: E402,F401  (before the torchvision stub: transformers caches its availability)
-
 conftest.stub_torchvision()
 from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,  # noqa: E402
                                        TwoWayTransformer)
