@@ -1,0 +1,189 @@
+"""big_vision-style config helpers.
+
+A config file exposes `get_config(arg=None)` returning an `ml_collections.ConfigDict`; the string
+after `:` in `--config configs/x.py:variant=7b,runlocal` is parsed with `parse_arg`. Overrides
+`--config.a.b=v` are checked against the loaded config by `validate_overrides` before absl sees
+them, so a typo fails with the bad key and the closest valid keys instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+import sys
+from typing import Any, Iterator, Sequence
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+  """A config argument or override that does not fit the config."""
+
+
+def _to_bool(s: str) -> bool:
+  v = s.strip().lower()
+  if v in ("1", "true", "yes", "y", "on"):
+    return True
+  if v in ("0", "false", "no", "n", "off"):
+    return False
+  raise ValueError(f"not a boolean: {s!r}")
+
+
+def _cast(key: str, value: str, default: Any) -> Any:
+  """Cast the string `value` to the type of `default` (str when there is no default type)."""
+  try:
+    if isinstance(default, bool):
+      return _to_bool(value)
+    if isinstance(default, int):
+      return int(value)
+    if isinstance(default, float):
+      return float(value)
+  except ValueError:
+    raise ConfigError(f"config arg {key}={value!r}: expected {type(default).__name__}") from None
+  return value
+
+
+def parse_arg(arg: str | None, *, lazy: bool = False, **defaults) -> ConfigDict:
+  """Parse 'variant=7b,runlocal,res=448' into a ConfigDict typed like `defaults`.
+
+  A bare key (no '=') means True and must name a bool default. Keys not in `defaults` are an
+  error unless `lazy` (then they are kept as strings).
+  """
+  out = ConfigDict(dict(defaults))
+  for part in filter(None, (p.strip() for p in (arg or "").split(","))):
+    key, eq, value = part.partition("=")
+    key = key.strip()
+    if key not in defaults and not lazy:
+      close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.5)
+      hint = f"; did you mean {', '.join(close)}?" if close else ""
+      raise ConfigError(f"unknown config arg {key!r}{hint} (known: {', '.join(sorted(defaults)) or 'none'})")
+    default = defaults.get(key)
+    if not eq:
+      if not isinstance(default, bool):
+        raise ConfigError(f"config arg {key!r} needs a value ({key}=...)")
+      out[key] = True
+    else:
+      out[key] = _cast(key, value.strip(), default)
+  return out
+
+
+def load_config(spec: str) -> ConfigDict:
+  """'path/to/config.py[:arg]' -> get_config(arg), as ml_collections' --config flag loads it."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file not found: {path}")
+  name = "jaxlisa_cfg_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def iter_paths(config: ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+  """(dotted path, value) for every field, groups included, depth first."""
+  for key in config.keys():
+    value = config[key]
+    path = f"{prefix}{key}"
+    yield path, value
+    if isinstance(value, ConfigDict):
+      yield from iter_paths(value, path + ".")
+
+
+def leaf_paths(config: ConfigDict) -> list[str]:
+  return [p for p, v in iter_paths(config) if not isinstance(v, ConfigDict)]
+
+
+def closest_keys(key: str, config: ConfigDict, n: int = 3) -> list[str]:
+  """Closest valid dotted keys: by the whole path, then by the last component anywhere."""
+  paths = leaf_paths(config)
+  close = difflib.get_close_matches(key, paths, n=n, cutoff=0.6)
+  last = key.rsplit(".", 1)[-1]
+  by_name = {p.rsplit(".", 1)[-1]: p for p in paths}
+  for name in difflib.get_close_matches(last, list(by_name), n=n, cutoff=0.6):
+    if by_name[name] not in close:
+      close.append(by_name[name])
+  return close[:n]
+
+
+def _override_keys(argv: Sequence[str], flag: str) -> Iterator[str]:
+  """Dotted keys of `--flag.a.b=v`, `--flag.a.b v`, `--noflag.a.b` in argv (stops at '--')."""
+  for tok in argv[1:]:
+    if tok == "--":
+      return
+    name = tok.lstrip("-").split("=", 1)[0]
+    if not tok.startswith("-"):
+      continue
+    if name.startswith(f"no{flag}."):
+      name = name[2:]
+    if name.startswith(f"{flag}."):
+      yield name[len(flag) + 1:]
+
+
+def validate_overrides(config: ConfigDict, argv: Sequence[str], flag: str = "config") -> None:
+  """Raise ConfigError naming every `--config.key` in argv that does not exist in `config`."""
+  values = dict(iter_paths(config))
+  problems = []
+  for key in _override_keys(argv, flag):
+    if key not in values:
+      close = closest_keys(key, config)
+      hint = f" Did you mean: {', '.join(f'--{flag}.{c}' for c in close)}?" if close else ""
+      problems.append(f"unknown config key --{flag}.{key}.{hint}")
+    elif isinstance(values[key], ConfigDict):
+      sub = ", ".join(f"{key}.{k}" for k in values[key].keys())
+      problems.append(f"--{flag}.{key} is a group; set one of its keys: {sub}")
+    elif values[key] is None:
+      problems.append(f"--{flag}.{key} is None in the config and cannot be overridden from the command "
+                      "line; give it a typed default (ml_collections.config_dict.placeholder)")
+  if problems:
+    raise ConfigError("\n".join(problems))
+
+
+def to_dict(config: ConfigDict) -> dict:
+  """Plain JSON-friendly nested dict (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def diff(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+  """{dotted key: (old, new)} where two config dicts differ."""
+  a, b = flatten(old), flatten(new)
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def write_config(config: ConfigDict, workdir: str, argv: Sequence[str] | None = None) -> str:
+  """Write the resolved config as workdir/config.json (and the command line); returns the path.
+
+  An existing config.json is moved to config.prev.json, so a resumed run can be compared.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    os.replace(path, os.path.join(workdir, "config.prev.json"))
+  with open(path, "w") as fh:
+    json.dump(to_dict(config), fh, indent=2, sort_keys=True)
+    fh.write("\n")
+  if argv is not None:
+    with open(os.path.join(workdir, "command.txt"), "w") as fh:
+      fh.write(" ".join([os.path.basename(sys.executable), *argv]) + "\n")
+  return path
+
+
+def read_config(workdir: str, name: str = "config.json") -> dict | None:
+  path = os.path.join(workdir, name)
+  if not os.path.exists(path):
+    return None
+  with open(path) as fh:
+    return json.load(fh)
