@@ -1,0 +1,59 @@
+"""Tasks: what a training job supplies to the generic trainer (jaxlisa/training/trainer.py).
+
+`config.task = 'lm'` selects `jaxlisa.tasks.lm.Task`. A task builds its model and data from the
+config and implements:
+
+  init(rng) -> params              the full param tree; leaves may carry logical axis names
+                                   (nn.LogicallyPartitioned); traced under jit, so pure
+  loss(params, batch, rng, train) -> (loss [], aux {name: []})
+                                   aux['weight'] (optional) weighs microbatches and eval batches
+  train_data() -> iterator         endless global batches {name: np [B, ...]} with JSON-able
+                                   get_state() / set_state() (resumable)
+  eval_data() -> iterable | None   one finite pass of eval batches of the same shapes
+  trainable_mask(params)           bools like params; default: config.trainable / config.frozen
+  describe() -> {name: value}      extra lines for the run summary
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Iterable
+
+import jax
+
+from jaxlisa.training import optimizer as optim_lib
+
+
+class Task:
+  """Base class; see the module docstring for the contract."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+
+  def init(self, rng: jax.Array) -> Any:
+    raise NotImplementedError
+
+  def loss(self, params: Any, batch: dict, rng: jax.Array, train: bool = True) -> tuple[jax.Array, dict]:
+    raise NotImplementedError
+
+  def train_data(self):
+    raise NotImplementedError
+
+  def eval_data(self) -> Iterable[dict] | None:
+    return None
+
+  def trainable_mask(self, params: Any) -> Any:
+    return optim_lib.trainable_mask(params, tuple(self.config.trainable), tuple(self.config.frozen))
+
+  def describe(self) -> dict[str, Any]:
+    return {}
+
+
+def get_task(config, workdir: str) -> Task:
+  try:
+    module = importlib.import_module(f"jaxlisa.tasks.{config.task}")
+  except ModuleNotFoundError as e:
+    if e.name != f"jaxlisa.tasks.{config.task}":
+      raise
+    raise ValueError(f"unknown task {config.task!r}: no module jaxlisa/tasks/{config.task}.py") from None
+  return module.Task(config, workdir)

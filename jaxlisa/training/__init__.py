@@ -1,0 +1,1 @@
+"""Training: optimizer and schedules, train state, the generic trainer loop, checkpoints."""

@@ -1,0 +1,275 @@
+"""The generic training loop: a task (jaxlisa/tasks) supplies model init, loss, data and the
+trainable mask; the trainer does mesh, sharded init, the jitted step, eval, checkpoints, resume.
+
+  trainer = Trainer(config, workdir)        # mesh, task, optimizer, shardings, jitted functions
+  result = trainer.fit(hooks)               # restore-or-init, train to config.total_steps
+
+The train step is `jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+donate_argnums=0)`, compiled ahead of time so the run summary can report its memory per device.
+Metrics go to workdir/metrics.jsonl (one JSON object per line); progress reporting is the
+caller's (hooks), the library only logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxlisa import parallel, tasks
+from jaxlisa.training import checkpoints as ckpt_lib
+from jaxlisa.training import optimizer as optim_lib
+from jaxlisa.training.train_state import TrainState
+
+
+class Hooks:
+  """Progress callbacks for the caller (the CLI draws its progress bar with these)."""
+
+  def on_start(self, step: int, total_steps: int, info: dict[str, Any]) -> None:
+    pass
+
+  def on_step(self, step: int) -> None:
+    """After update `step` has been dispatched (not waited for)."""
+
+  def on_log(self, step: int, metrics: dict[str, float]) -> None:
+    pass
+
+  def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+    pass
+
+  def on_checkpoint(self, step: int) -> None:
+    pass
+
+
+class MetricWriter:
+  """Append-only workdir/metrics.jsonl: {"step": s, "train/loss": ..., ...} per line."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    with open(self.path, "a") as fh:
+      fh.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as fh:
+    return [json.loads(line) for line in fh if line.strip()]
+
+
+def _every(step: int, every: int) -> bool:
+  return every > 0 and step % every == 0
+
+
+class Trainer:
+  """Owns the mesh, the task, the optimizer, the shardings and the jitted init/train/eval."""
+
+  def __init__(self, config, workdir: str, task: tasks.Task | None = None):
+    self.config, self.workdir = config, workdir
+    os.makedirs(workdir, exist_ok=True)
+    self.mesh = parallel.make_mesh(config.mesh.to_dict())
+    self.rules = parallel.axis_rules(config.logical_axis_rules)
+    self.task = task or tasks.get_task(config, workdir)
+    self.tx, self.schedule = optim_lib.make_optimizer(config)
+    self.num_microbatches = int(config.grad_accum)
+    shards = parallel.num_batch_shards(self.mesh)
+    if config.batch_size % (self.num_microbatches * shards):
+      raise ValueError(f"batch_size {config.batch_size} must divide by grad_accum {self.num_microbatches} "
+                       f"x batch shards (data*fsdp) {shards}")
+    self.rng = jax.random.PRNGKey(config.seed)
+    self._build_shardings()
+    self.init_state = jax.jit(self._init_state, out_shardings=self.state_sharding)
+    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, self.batch_sharding),
+                              out_shardings=(self.state_sharding, None), donate_argnums=0)
+    self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding, self.batch_sharding))
+    self.checkpoints = ckpt_lib.Checkpoints(
+        workdir, max_to_keep=config.ckpt.max_to_keep, best_metric=config.ckpt.best_metric,
+        best_mode=config.ckpt.best_mode, async_save=config.ckpt.async_save)
+    self.writer = MetricWriter(workdir)
+    self.compile_info: dict[str, Any] = {}
+
+  # ---------------------------------------------------------------------------------------------
+  # Shardings and pure functions.
+
+  def _build_shardings(self):
+    with parallel.use(self.mesh, self.rules):
+      boxed = jax.eval_shape(self.task.init, self.rng)
+    abstract = nn.meta.unbox(boxed)
+    self.mask = self.task.trainable_mask(abstract)
+    param_sh = parallel.logical_shardings(boxed, self.mesh, self.rules)
+    train_sh, frozen_sh = optim_lib.split(param_sh, self.mask)
+    abs_train, _ = optim_lib.split(abstract, self.mask)
+    abs_train = jax.eval_shape(lambda t: optim_lib.cast_floats(t, self.config.master_dtype), abs_train)
+    repl = parallel.replicated(self.mesh)
+    opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, abs_train), train_sh,
+                                   transform_non_params=lambda _: repl,
+                                   is_leaf=lambda x: isinstance(x, NamedSharding))
+    self.state_sharding = TrainState(step=repl, trainable=train_sh, frozen=frozen_sh, opt_state=opt_sh, rng=repl)
+    self.batch_sharding = NamedSharding(self.mesh, P(parallel.BATCH_AXES))  # a prefix for every batch leaf
+    self.num_params = optim_lib.count_params(abstract)
+    self.num_trainable = optim_lib.count_params(abs_train)
+
+  def _init_state(self, rng) -> TrainState:
+    init_rng, train_rng = jax.random.split(rng)
+    params = nn.meta.unbox(self.task.init(init_rng))
+    trained, frozen = optim_lib.split(params, self.mask)
+    trained = optim_lib.cast_floats(trained, self.config.master_dtype)
+    frozen = optim_lib.cast_floats(frozen, self.config.frozen_dtype)
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trained, frozen=frozen,
+                      opt_state=self.tx.init(trained), rng=train_rng)
+
+  def _train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_fn(trained, mb, r):  # gradients w.r.t. the trained subtree only
+      return self.task.loss(optim_lib.merge(trained, state.frozen), mb, r, True)
+
+    grads, metrics = optim_lib.grads_and_metrics(loss_fn, state.trainable, batch, rng, self.num_microbatches)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
+    trained = optax.apply_updates(state.trainable, updates)
+    metrics.update(lr=self.schedule(state.step), grad_norm=optax.global_norm(grads))
+    return state.replace(step=state.step + 1, trainable=trained, opt_state=opt_state), metrics
+
+  def _eval_step(self, state: TrainState, batch: dict) -> dict:
+    loss, aux = self.task.loss(state.params, batch, state.rng, False)
+    return {"loss": loss, **aux}
+
+  # ---------------------------------------------------------------------------------------------
+  # Host side.
+
+  def device_batch(self, batch: dict) -> dict:
+    """Host numpy batch (this process's rows) -> global arrays sharded over (data, fsdp)."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)),
+                        batch)
+
+  def restore_or_init(self):
+    """(state, data iterator, start step): from the latest checkpoint when there is one."""
+    with parallel.use(self.mesh, self.rules):
+      state = self.init_state(self.rng)
+    data = self.task.train_data()
+    step = self.checkpoints.latest_step()
+    if step is not None:
+      saved, data_state = self.checkpoints.restore(step, ckpt_lib.abstract(state.saved()))
+      state = state.with_saved(saved)
+      if data_state:
+        data.set_state(data_state)
+      logging.info("resumed from %s at step %d", self.checkpoints.latest.directory, step)
+    return state, data, int(state.step)
+
+  def evaluate(self, state: TrainState, batches: Iterable[dict] | None = None) -> dict[str, float]:
+    """Weighted means of the eval step's outputs over one pass of the task's eval data."""
+    batches = self.task.eval_data() if batches is None else batches
+    if batches is None:
+      return {}
+    sums, total = {}, 0.0
+    with parallel.use(self.mesh, self.rules):
+      for batch in batches:
+        out = jax.device_get(self.eval_step(state, self.device_batch(batch)))
+        w = float(out.pop("weight", 1.0))
+        total += w
+        for k, v in out.items():
+          sums[k] = sums.get(k, 0.0) + float(v) * w
+    return {f"eval/{k}": v / max(total, 1e-12) for k, v in sums.items()}
+
+  def describe(self) -> dict[str, Any]:
+    c = self.config
+    info = {
+        "task": c.task,
+        "params": f"{self.num_params:,} ({self.num_trainable:,} trained, "
+                  f"{self.num_params - self.num_trainable:,} frozen)",
+        "mesh": parallel.describe(self.mesh),
+        "batch": f"{c.batch_size} per step ({self.num_microbatches} microbatch"
+                 f"{'es' if self.num_microbatches > 1 else ''})",
+        "steps": c.total_steps,
+        "optimizer": f"adamw lr={c.optim.lr:g} {c.optim.schedule} warmup={c.optim.warmup_steps} "
+                     f"b=({c.optim.b1:g},{c.optim.b2:g}) wd={c.optim.weight_decay:g} clip={c.optim.grad_clip:g}",
+    }
+    info.update(self.task.describe())
+    info.update(self.compile_info)
+    return info
+
+  def _compile(self, state, batch):
+    t = time.time()
+    with parallel.use(self.mesh, self.rules):
+      compiled = self.train_step.lower(state, batch).compile()
+    self.compile_info["compile"] = f"{time.time() - t:.1f} s"
+    try:
+      mem = compiled.memory_analysis()
+      peak = getattr(mem, "peak_memory_in_bytes", 0) or (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                                         + mem.temp_size_in_bytes)
+      self.compile_info["memory"] = f"{peak / 2**20:,.1f} MiB peak per device"
+    except Exception:  # pylint: disable=broad-except
+      pass
+    return compiled
+
+  def fit(self, hooks: Hooks | None = None) -> dict[str, Any]:
+    """Train from the latest checkpoint (or from scratch) to config.total_steps (or stop_after).
+
+    Returns {'start_step', 'step', 'train': last train metrics, 'eval': last eval metrics,
+    'seconds'}."""
+    c, hooks = self.config, hooks or Hooks()
+    t_start = time.time()
+    state, data, start = self.restore_or_init()
+    end = c.total_steps if c.stop_after < 0 else min(c.total_steps, start + c.stop_after)
+    result = {"start_step": start, "step": start, "train": {}, "eval": {}}
+    if start >= end:
+      logging.info("nothing to do: at step %d of %d", start, c.total_steps)
+      hooks.on_start(start, c.total_steps, self.describe())
+      result["seconds"] = time.time() - t_start
+      return result
+    batch = self.device_batch(next(data))
+    step_fn = self._compile(state, batch)
+    info = self.describe()
+    logging.info("training %s", "; ".join(f"{k}: {v}" for k, v in info.items()))
+    hooks.on_start(start, c.total_steps, info)
+    t_log, step_log = time.time(), start
+    step = start
+    while True:
+      state, metrics = step_fn(state, batch)
+      step += 1
+      hooks.on_step(step)
+      last = step == end
+      if _every(step, c.log_every) or last:
+        m = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items() if k != "weight"}
+        now = time.time()
+        m["train/step_time"] = (now - t_log) / (step - step_log)
+        t_log, step_log = now, step
+        self.writer.write(step, m)
+        hooks.on_log(step, m)
+        result["train"] = m
+      if (_every(step, c.eval_every) or (last and c.eval_every >= 0)):
+        ev = self.evaluate(state)
+        if ev:
+          self.writer.write(step, ev)
+          hooks.on_eval(step, ev)
+          self.checkpoints.maybe_save_best(step, state.trainable, ev)
+          result["eval"] = ev
+        t_log = time.time()  # eval time is not step time
+      if _every(step, c.ckpt_every) or (last and c.ckpt_every >= 0):
+        self.checkpoints.save(step, state.saved(), data.get_state())
+        hooks.on_checkpoint(step)
+        t_log = time.time()
+      if last:
+        break
+      batch = self.device_batch(next(data))
+    self.checkpoints.wait()
+    result.update(step=step, seconds=time.time() - t_start, state=state)
+    if not math.isfinite(result["train"].get("train/loss", 0.0)):
+      logging.error("training loss is not finite: %s", result["train"])
+    return result
+
+  def close(self):
+    self.checkpoints.close()
