@@ -1,0 +1,1 @@
+"""Data: preprocessing, templates/tokenization, datasets, collate, pipelines."""
