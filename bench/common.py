@@ -1,0 +1,50 @@
+"""Shared helpers for the side-by-side benchmarks: timing, a printed table, JSON results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def timeit(fn: Callable[[], object], *, warmup: int = 1, iters: int = 5) -> float:
+  """Median wall seconds of fn() after `warmup` calls (fn must block until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def machine() -> dict:
+  import jax  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
+          "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
+          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+          "torch_cuda": torch.cuda.is_available()}
+
+
+def report(name: str, rows: list[dict], extra: dict | None = None) -> str:
+  """Print `rows` (each: case, unit, jaxlisa, torch, higher_is_better) with ratios; save JSON."""
+  print(f"\n{name}: jaxlisa vs PyTorch original (same machine, same run)")
+  print(f"{'case':44s} {'jaxlisa':>12s} {'pytorch':>12s} {'unit':>8s} {'speedup':>8s}")
+  for r in rows:
+    hib = r.get("higher_is_better", False)
+    r["speedup"] = (r["jaxlisa"] / r["torch"]) if hib else (r["torch"] / r["jaxlisa"])
+    print(f"{r['case']:44s} {r['jaxlisa']:12.4g} {r['torch']:12.4g} {r['unit']:>8s} {r['speedup']:7.2f}x")
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  path = os.path.join(RESULTS_DIR, f"{name}.json")
+  with open(path, "w") as f:
+    json.dump({"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
+               "rows": rows, **(extra or {})}, f, indent=2)
+  print(f"(speedup > 1 means jaxlisa is faster; saved {path})")
+  return path
