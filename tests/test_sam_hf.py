@@ -77,7 +77,8 @@ def test_config(converted):
   c = conv.config
   assert conv.family == "sam_hf"
   assert (c.img_size, c.patch_size, c.embed_dim, c.depth, c.num_heads, c.encoder_mlp_dim) == (64, 8, 32, 2, 2, 64)
-  assert (c.window_size, c.global_attn_indexes, c.out_chans, c.prompt_embed_dim, c.mask_in_chans) == (3, (1,), 32, 32, 8)
+  assert (c.window_size, c.global_attn_indexes, c.out_chans) == (3, (1,), 32)
+  assert (c.prompt_embed_dim, c.mask_in_chans) == (32, 8)
   assert (c.decoder_num_heads, c.decoder_mlp_dim, c.decoder_norm_eps, c.decoder_final_norm_eps) == (2, 64, 1e-6, 1e-5)
 
 

@@ -20,7 +20,7 @@ from typing import Sequence
 import jax.numpy as jnp
 
 from jaxlisa.conversion.checkpoint_io import CheckpointError
-from jaxlisa.conversion.keymap import CONV, CONV_TRANSPOSE, FLAT, IDENTITY, LINEAR, LINEAR_IN2, Rule
+from jaxlisa.conversion.keymap import CONV, CONV_TRANSPOSE, FLAT, LINEAR, LINEAR_IN2, Rule
 from jaxlisa.conversion.registry import Family, any_key, register
 from jaxlisa.models.sam import Sam, SamConfig
 

@@ -29,7 +29,6 @@ matrices: static ones in numpy, per-sample ones (traced sizes) in jnp.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
