@@ -80,7 +80,8 @@ class Rule:
   src:   source key template ("model.layers.{i}.mlp.up_proj.weight").
   dst:   destination path template ("layers/{i}/mlp/up_proj/kernel"), or a tuple of them
          when `split` cuts one source tensor into parts (fused qkv); an empty tuple marks a
-         known tensor that is not a parameter here (e.g. a tied lm_head copy) and is dropped.
+         known tensor that is not a parameter here (e.g. a tied lm_head copy) and is dropped;
+         an empty string in a split tuple drops that part (exported back as zeros).
   t:     transform applied to each part.
   split: (axis, sizes) of the source tensor, for fused tensors; None otherwise.
   """
@@ -181,6 +182,8 @@ def convert_state(source, rules: Sequence[Rule], expected: Mapping[str, Any], *,
     parts = [x] if rule.split is None else np.split(
         x, np.cumsum(rule.split[1])[:-1].tolist(), axis=rule.split[0])
     for dst_t, part in zip(rule.dsts, parts):
+      if not dst_t:  # a split part with an empty destination is dropped (e.g. HF BLIP-2's zero k bias)
+        continue
       path, idx = resolve_dst(dst_t, m.groupdict(), scan)
       if path not in exp:
         unexpected.append(f"{key} -> {_fmt(path)}")
@@ -246,6 +249,9 @@ def export_state(params: Mapping[str, Any], rules: Sequence[Rule], *, scan: bool
     for combo in _index_combos(rule, flat, scan, fields):
       parts = []
       for dst_t in rule.dsts:
+        if not dst_t:  # dropped split part: exported as zeros shaped like its neighbour
+          parts.append(None)
+          continue
         path, idx = resolve_dst(dst_t, combo, scan)
         if path not in flat:
           parts = None
@@ -254,6 +260,8 @@ def export_state(params: Mapping[str, Any], rules: Sequence[Rule], *, scan: bool
         parts.append(rule.t.inv(flat[path][idx] if idx else flat[path]))
       if not parts:
         continue
+      like = next(p for p in parts if p is not None)
+      parts = [np.zeros_like(like) if p is None else p for p in parts]
       x = parts[0] if rule.split is None else np.concatenate(parts, axis=rule.split[0])
       out[rule.src.format(**combo)] = x
   leftover = sorted(_fmt(p) for p in flat if p not in used)
