@@ -10,6 +10,9 @@ config and implements:
   train_data() -> iterator         endless global batches {name: np [B, ...]} with JSON-able
                                    get_state() / set_state() (resumable)
   eval_data() -> iterable | None   one finite pass of eval batches of the same shapes
+  eval_step(params, batch, rng)    -> {name: []} per eval batch (default: loss and aux);
+                                   the trainer takes 'weight'-weighted means over the pass
+  eval_summary(means) -> metrics   final metrics from those means (e.g. cIoU = I / U)
   trainable_mask(params)           bools like params; default: config.trainable / config.frozen
   describe() -> {name: value}      extra lines for the run summary
 """
@@ -41,6 +44,13 @@ class Task:
 
   def eval_data(self) -> Iterable[dict] | None:
     return None
+
+  def eval_step(self, params: Any, batch: dict, rng: jax.Array) -> dict[str, jax.Array]:
+    loss, aux = self.loss(params, batch, rng, False)
+    return {"loss": loss, **aux}
+
+  def eval_summary(self, means: dict[str, float]) -> dict[str, float]:
+    return means
 
   def trainable_mask(self, params: Any) -> Any:
     return optim_lib.trainable_mask(params, tuple(self.config.trainable), tuple(self.config.frozen))

@@ -63,9 +63,12 @@ class Task(tasks.Task):
     return text.train_iterator(self.train_arrays, self.config.batch_size, seed=self.config.seed)
 
   def eval_data(self):
-    return text.eval_batches(self.eval_arrays, self.config.get("eval_batch_size") or self.config.batch_size)
+    return text.eval_batches(self.eval_arrays, self.config.batch_size)
 
   def describe(self):
-    return {"tokenizer": f"{len(self.tokenizer)} tokens (model vocab {self.model_config.vocab_size})",
+    m = self.model_config
+    return {"model": f"{m.family} {m.num_hidden_layers} layers x {m.hidden_size} ({m.num_attention_heads} heads, "
+                     f"mlp {m.intermediate_size}, {m.dtype})",
+            "tokenizer": f"{len(self.tokenizer)} tokens (model vocab {self.model_config.vocab_size})",
             "data": f"{self.config.data.num_train} train / {self.config.data.num_eval} eval docs, "
                     f"seq_len {self.config.data.seq_len}"}

@@ -57,6 +57,13 @@ class MetricWriter:
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "metrics.jsonl")
 
+  def truncate(self, step: int) -> None:
+    """Drop rows after `step` (logged by a run that died before its next checkpoint)."""
+    rows = read_metrics(os.path.dirname(self.path))
+    if any(r["step"] > step for r in rows):
+      with open(self.path, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
+
   def write(self, step: int, metrics: dict[str, float]) -> None:
     with open(self.path, "a") as fh:
       fh.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
@@ -144,8 +151,7 @@ class Trainer:
     return state.replace(step=state.step + 1, trainable=trained, opt_state=opt_state), metrics
 
   def _eval_step(self, state: TrainState, batch: dict) -> dict:
-    loss, aux = self.task.loss(state.params, batch, state.rng, False)
-    return {"loss": loss, **aux}
+    return self.task.eval_step(state.params, batch, state.rng)
 
   # ---------------------------------------------------------------------------------------------
   # Host side.
@@ -170,7 +176,7 @@ class Trainer:
     return state, data, int(state.step)
 
   def evaluate(self, state: TrainState, batches: Iterable[dict] | None = None) -> dict[str, float]:
-    """Weighted means of the eval step's outputs over one pass of the task's eval data."""
+    """The task's eval_summary of the weighted means of its eval_step over one pass of eval data."""
     batches = self.task.eval_data() if batches is None else batches
     if batches is None:
       return {}
@@ -182,7 +188,8 @@ class Trainer:
         total += w
         for k, v in out.items():
           sums[k] = sums.get(k, 0.0) + float(v) * w
-    return {f"eval/{k}": v / max(total, 1e-12) for k, v in sums.items()}
+    means = {k: v / max(total, 1e-12) for k, v in sums.items()}
+    return {f"eval/{k}": float(v) for k, v in self.task.eval_summary(means).items()}
 
   def describe(self) -> dict[str, Any]:
     c = self.config
@@ -223,6 +230,7 @@ class Trainer:
     c, hooks = self.config, hooks or Hooks()
     t_start = time.time()
     state, data, start = self.restore_or_init()
+    self.writer.truncate(start)
     end = c.total_steps if c.stop_after < 0 else min(c.total_steps, start + c.stop_after)
     result = {"start_step": start, "step": start, "train": {}, "eval": {}}
     if start >= end:
@@ -242,7 +250,7 @@ class Trainer:
       step += 1
       hooks.on_step(step)
       last = step == end
-      if _every(step, c.log_every) or last:
+      if _every(step, c.log_every) or last or step == start + 1:
         m = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items() if k != "weight"}
         now = time.time()
         m["train/step_time"] = (now - t_log) / (step - step_log)
