@@ -149,6 +149,21 @@ def test_frozen_params_unchanged_and_without_gradients(trainer, state_and_batch)
     assert not np.array_equal(a, b)
 
 
+def test_load_pretrained_params(trainer, state_and_batch):
+  t, (state, _) = trainer, state_and_batch
+  emb = state.frozen["embed_tokens"]["embedding"]
+  head = state.trainable["lm_head"]["kernel"]
+  new = t.load_params(state, {"embed_tokens": {"embedding": np.ones(emb.shape, np.float32)},
+                              "lm_head": {"kernel": np.full(head.shape, 2.0, np.float32)}})
+  assert new.frozen["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+  assert float(new.frozen["embed_tokens"]["embedding"].min()) == 1.0
+  assert float(new.trainable["lm_head"]["kernel"].max()) == 2.0
+  assert new.trainable["lm_head"]["kernel"].sharding == head.sharding
+  np.testing.assert_array_equal(new.trainable["norm"]["scale"], state.trainable["norm"]["scale"])  # untouched
+  with pytest.raises(ValueError, match=r"lm_head/kernel: shape \(3,\) != .*\n  vision/w: no such parameter"):
+    t.load_params(state, {"lm_head": {"kernel": np.zeros(3)}, "vision": {"w": np.zeros(1)}})
+
+
 def test_gradient_accumulation_equals_big_batch(trainer, state_and_batch):
   t, (state, batch) = trainer, state_and_batch
   tokens = np.asarray(batch["attention_mask"])[:, 1:].sum(1)

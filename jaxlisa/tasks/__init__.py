@@ -5,6 +5,9 @@ config and implements:
 
   init(rng) -> params              the full param tree; leaves may carry logical axis names
                                    (nn.LogicallyPartitioned); traced under jit, so pure
+  pretrained() -> dict | None      host arrays (a partial param tree) placed over the init, e.g.
+                                   from load_pretrained; loaded on every start, since frozen
+                                   params are not checkpointed
   loss(params, batch, rng, train) -> (loss [], aux {name: []})
                                    aux['weight'] (optional) weighs microbatches and eval batches
   train_data() -> iterator         endless global batches {name: np [B, ...]} with JSON-able
@@ -35,6 +38,9 @@ class Task:
 
   def init(self, rng: jax.Array) -> Any:
     raise NotImplementedError
+
+  def pretrained(self) -> dict | None:
+    return None
 
   def loss(self, params: Any, batch: dict, rng: jax.Array, train: bool = True) -> tuple[jax.Array, dict]:
     raise NotImplementedError

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxlisa import parallel, tasks
@@ -161,10 +162,35 @@ class Trainer:
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)),
                         batch)
 
+  def load_params(self, state: TrainState, params: dict) -> TrainState:
+    """Place a (partial) nested dict of host arrays over the state's params, in their dtypes and
+    shardings. Every given leaf must exist with the same shape."""
+    flat = traverse_util.flatten_dict(params)
+    trained, frozen = traverse_util.flatten_dict(state.trainable), traverse_util.flatten_dict(state.frozen)
+    problems = []
+    for k, v in flat.items():
+      target = trained.get(k, frozen.get(k))
+      if target is None:
+        problems.append(f"{'/'.join(map(str, k))}: no such parameter")
+      elif np.shape(v) != target.shape:
+        problems.append(f"{'/'.join(map(str, k))}: shape {np.shape(v)} != {target.shape}")
+    if problems:
+      raise ValueError("pretrained params do not fit the model:\n  " + "\n  ".join(problems[:20]))
+    for k, v in flat.items():
+      tree = trained if k in trained else frozen
+      tree[k] = jax.device_put(np.asarray(v).astype(tree[k].dtype), tree[k].sharding)
+    logging.info("loaded %d pretrained tensors (%d trained, %d frozen)", len(flat),
+                 sum(k in trained for k in flat), sum(k in frozen for k in flat))
+    return state.replace(trainable=traverse_util.unflatten_dict(trained), frozen=traverse_util.unflatten_dict(frozen))
+
   def restore_or_init(self):
-    """(state, data iterator, start step): from the latest checkpoint when there is one."""
+    """(state, data iterator, start step): init, the task's pretrained weights (frozen ones are
+    not checkpointed), then the latest checkpoint when there is one."""
     with parallel.use(self.mesh, self.rules):
       state = self.init_state(self.rng)
+    pretrained = self.task.pretrained()
+    if pretrained:
+      state = self.load_params(state, pretrained)
     data = self.task.train_data()
     step = self.checkpoints.latest_step()
     if step is not None:
