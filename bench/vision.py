@@ -1,0 +1,91 @@
+"""Vision encoders: jaxlisa vs the PyTorch originals on the same machine, in one run.
+
+  python bench/vision.py [--iters 3]
+
+Cases (batch 1, fp32, random weights shared through jaxlisa's converters):
+  SAM image encoder ViT-B at 1024 px   vs segment-anything's ImageEncoderViT (build_sam_vit_b)
+  CLIP ViT-L/14 at 224 px             vs transformers' CLIPVisionModel
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import report, timeit  # noqa: E402
+from jaxlisa.conversion.convert import convert_checkpoint  # noqa: E402
+from jaxlisa.models import clip as clip_lib  # noqa: E402
+from jaxlisa.models import sam as sam_lib  # noqa: E402
+
+
+def bench_sam(iters):
+  from conftest import stub_torchvision  # pylint: disable=import-outside-toplevel
+  stub_torchvision()
+  from segment_anything import build_sam_vit_b  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  ref = build_sam_vit_b().eval()
+  with tempfile.TemporaryDirectory() as d:
+    torch.save(ref.state_dict(), os.path.join(d, "sam_vit_b.pth"))
+    conv = convert_checkpoint(os.path.join(d, "sam_vit_b.pth"), family="sam")
+  module = sam_lib.Sam(conv.config)
+  params = jax.device_put(conv.params)
+  x = np.random.RandomState(0).randn(1, 1024, 1024, 3).astype(np.float32)
+  enc = jax.jit(lambda p, x: module.apply({"params": p}, x, method=sam_lib.Sam.encode_image))
+  xj = jnp.asarray(x)
+  out = enc(params, xj).block_until_ready()
+  tj = timeit(lambda: enc(params, xj).block_until_ready(), warmup=0, iters=iters)
+  xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+  with torch.inference_mode():
+    want = ref.image_encoder(xt)
+    tt = timeit(lambda: ref.image_encoder(xt), warmup=0, iters=iters)
+  err = float(np.abs(np.asarray(out) - want.permute(0, 2, 3, 1).numpy()).max())
+  return {"case": "SAM ViT-B image encoder, 1x1024x1024", "unit": "s", "jaxlisa": tj, "torch": tt,
+          "max_abs_diff": err}
+
+
+def bench_clip(iters):
+  import transformers as tf  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  cfg = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                            num_attention_heads=16, image_size=224, patch_size=14, hidden_act="quick_gelu")
+  ref = tf.CLIPVisionModel(cfg).eval()
+  with tempfile.TemporaryDirectory() as d:
+    ref.save_pretrained(d)
+    conv = convert_checkpoint(d)
+  module = clip_lib.CLIPVisionModel(conv.config)
+  params = jax.device_put(conv.params)
+  x = np.random.RandomState(0).randn(1, 224, 224, 3).astype(np.float32)
+  # LLaVA's use: all hidden states, feature layer -2
+  fwd = jax.jit(lambda p, x: clip_lib.select_features(
+      module.apply({"params": p}, x, output_hidden_states=True).hidden_states, -2, "patch"))
+  xj = jnp.asarray(x)
+  out = fwd(params, xj).block_until_ready()
+  tj = timeit(lambda: fwd(params, xj).block_until_ready(), warmup=0, iters=iters)
+  xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+  with torch.inference_mode():
+    run = lambda: ref(xt, output_hidden_states=True).hidden_states[-2][:, 1:]
+    want = run()
+    tt = timeit(run, warmup=0, iters=iters)
+  err = float(np.abs(np.asarray(out) - want.numpy()).max())
+  return {"case": "CLIP ViT-L/14 vision tower, 1x224x224", "unit": "s", "jaxlisa": tj, "torch": tt,
+          "max_abs_diff": err}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--iters", type=int, default=3)
+  a = ap.parse_args()
+  report("vision", [bench_sam(a.iters), bench_clip(a.iters)], {"config": vars(a)})
+
+
+if __name__ == "__main__":
+  main()
