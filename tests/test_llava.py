@@ -174,6 +174,28 @@ def test_greedy_generation_matches_hf(hf, converted):
   np.testing.assert_array_equal(np.asarray(got.tokens)[:, :want.shape[1]], want)
 
 
+def test_variant_feature_layers_full_strategy_tied_mistral(tmp_path):
+  """Two concatenated CLIP layers, CLS kept ('full'), a Mistral LM with a sliding window and tied
+  embeddings (no lm_head in the file)."""
+  torch.manual_seed(3)
+  text = {**TEXT, "model_type": "mistral", "sliding_window": 8, "tie_word_embeddings": True}
+  cfg = tf.LlavaConfig(vision_config=VISION, text_config=text, image_token_index=IMG, vision_feature_layer=[-3, -1],
+                       vision_feature_select_strategy="full", tie_word_embeddings=True)
+  model = _perturb(tf.LlavaForConditionalGeneration(cfg)).eval()
+  model.save_pretrained(tmp_path)
+  conv = convert_checkpoint(str(tmp_path))
+  c = conv.config
+  assert (c.vision_feature_layer, c.tokens_per_crop, c.mm_hidden_size) == ((-3, -1), N + 1, 64)
+  assert c.text.family == "mistral" and c.text.sliding_window == 8 and c.text.tie_word_embeddings
+  rs = np.random.RandomState(4)
+  ids, mask = _right_pad([[1, *rs.randint(3, IMG, 4), *[IMG] * (N + 1), *rs.randint(3, IMG, 6)],
+                          [1, *[IMG] * (N + 1), *rs.randint(3, IMG, 3)]])
+  px = _pixels(2, seed=4)
+  err = max_abs_diff(_logits(conv, ids, mask, px), _hf_logits(model, ids, mask, px), mask)
+  print(f"max |logits - HF| (variant) = {err:.2e}")
+  assert err <= TOL, err
+
+
 def test_hf_key_schemes_and_export(hf, converted, tmp_path):
   """transformers-5 in-memory names and transformers-4 hub names convert to the same params;
   export writes back what save_pretrained wrote."""

@@ -15,7 +15,7 @@ import transformers as tf
 from safetensors.numpy import load_file, save_file
 
 from conftest import max_abs_diff
-from jaxlisa.conversion.convert import convert_checkpoint
+from jaxlisa.conversion.convert import convert_checkpoint, export_checkpoint
 from jaxlisa.conversion.keymap import flatten_tree
 from jaxlisa.data import anyres
 from jaxlisa.models import llava
@@ -192,3 +192,22 @@ def test_original_v16_names(hf, converted, tmp_path):
   assert fa.keys() == fb.keys()
   for k in fa:
     np.testing.assert_array_equal(fa[k], fb[k], err_msg="/".join(k))
+
+
+def test_in_memory_names_and_export(hf, converted, tmp_path):
+  """transformers-5 in-memory names (model.image_newline, ...) convert to the same params; export
+  writes back the save_pretrained names."""
+  model, d = hf
+  save_file({k: v.numpy() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+  with open(tmp_path / "config.json", "w") as f:
+    f.write(open(os.path.join(d, "config.json")).read())
+  conv = convert_checkpoint(str(tmp_path))
+  fa, fb = flatten_tree(conv.params), flatten_tree(converted.params)
+  assert conv.family == "llava_next_hf" and fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg="/".join(k))
+  on_disk = load_file(os.path.join(d, "model.safetensors"))
+  exported = export_checkpoint(converted.params, "llava_next_hf", converted.config, None)
+  assert exported.keys() == on_disk.keys()
+  for k in on_disk:
+    np.testing.assert_array_equal(exported[k], on_disk[k], err_msg=k)

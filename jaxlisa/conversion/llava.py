@@ -209,11 +209,14 @@ def original_config(cfg: dict | None, src) -> LlavaConfig:
   if feature not in ("patch", "cls_patch"):
     raise CheckpointError(f"mm_vision_select_feature {feature!r} is not supported")
   aspect = cfg.get("image_aspect_ratio") or "square"
-  aspect = "anyres" if aspect.startswith("anyres") else aspect
+  if aspect.startswith("anyres_max"):
+    raise CheckpointError(f"image_aspect_ratio {aspect!r} (LLaVA-OneVision) is not supported")
   pins = cfg.get("image_grid_pinpoints")
   if isinstance(pins, str):
     raise CheckpointError(f"image_grid_pinpoints {pins!r} (range form) is not supported")
   merge = cfg.get("mm_patch_merge_type", "flat")
+  if merge not in llava_lib.MERGE_TYPES:
+    raise CheckpointError(f"mm_patch_merge_type {merge!r} is not supported ({llava_lib.MERGE_TYPES})")
   return LlavaConfig(
       vision=_original_vision_config(cfg, src), text=text,
       projector_type=cfg.get("mm_projector_type", "linear"), projector_hidden_act="gelu",
@@ -222,8 +225,7 @@ def original_config(cfg: dict | None, src) -> LlavaConfig:
       image_token_index=IMAGE_TOKEN_INDEX, mm_use_im_start_end=bool(cfg.get("mm_use_im_start_end", False)),
       image_aspect_ratio=aspect if aspect in llava_lib.ASPECT_RATIOS else "square",
       image_grid_pinpoints=tuple((int(h), int(w)) for w, h in pins) if pins and aspect == "anyres" else None,
-      mm_patch_merge_type="spatial_unpad" if "unpad" in merge else "spatial" if merge.startswith("spatial")
-      else "flat",
+      mm_patch_merge_type=merge,
       tokenizer_model_max_length=cfg.get("tokenizer_model_max_length"))
 
 
