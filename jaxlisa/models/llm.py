@@ -71,6 +71,11 @@ class DecoderConfig:
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
   pad_token_id: int | None = 0
+  # LoRA on attention projections (LISA: r 8, alpha 16, dropout 0.05 on q_proj/v_proj); 0 = off
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.05
+  lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
   # numerics and scaling
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -112,8 +117,9 @@ class DecoderConfig:
     if unknown:
       raise ValueError(f"unknown DecoderConfig fields {unknown}")
     d = dict(d)
-    if isinstance(d.get("eos_token_id"), list):
-      d["eos_token_id"] = tuple(d["eos_token_id"])
+    for k in ("eos_token_id", "lora_targets"):
+      if isinstance(d.get(k), list):
+        d[k] = tuple(d[k])
     return cls(**d)
 
 
@@ -139,12 +145,18 @@ class Attention(nn.Module):
     c = self.config
     kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
     n, k, h = c.num_attention_heads, c.kv_heads, c.dim_per_head
+
+    def lora(name):
+      if c.lora_rank and name in c.lora_targets:
+        return dict(lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout)
+      return {}
+
     q = DenseGeneral((n, h), kernel_axes=("embed", "heads", "head_dim"), use_bias=c.attention_bias,
-                     name="q_proj", **kw)(x, self.deterministic)
+                     name="q_proj", **kw, **lora("q_proj"))(x, self.deterministic)
     kk = DenseGeneral((k, h), kernel_axes=("embed", "kv_heads", "head_dim"), use_bias=c.attention_bias,
-                      name="k_proj", **kw)(x)
+                      name="k_proj", **kw, **lora("k_proj"))(x, self.deterministic)
     v = DenseGeneral((k, h), kernel_axes=("embed", "kv_heads", "head_dim"), use_bias=c.attention_bias,
-                     name="v_proj", **kw)(x, self.deterministic)
+                     name="v_proj", **kw, **lora("v_proj"))(x, self.deterministic)
     q = checkpoint_name(q, "query_proj")
     kk = checkpoint_name(kk, "key_proj")
     v = checkpoint_name(v, "value_proj")
@@ -163,7 +175,7 @@ class Attention(nn.Module):
                                          scale=h ** -0.5, impl=c.attention_impl)
     out = checkpoint_name(out, "context")
     out = DenseGeneral(c.hidden_size, in_axes=2, kernel_axes=("heads", "head_dim", "embed"),
-                       use_bias=c.o_proj_bias, name="o_proj", **kw)(out)
+                       use_bias=c.o_proj_bias, name="o_proj", **kw, **lora("o_proj"))(out, self.deterministic)
     return checkpoint_name(out, "out_proj"), new_cache
 
 
