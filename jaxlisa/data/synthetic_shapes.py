@@ -15,7 +15,8 @@ the real loaders read (lisa_datasets/), so the same code reads synthetic and rea
                  "Which shape could roll down a slope?") + explanatory/train.json (explanations)
   llava_dataset/llava_instruct_150k.json + coco/train2017/: text-only multi-turn chat
                  ("How many shapes are there?" -> "There are three shapes.")
-  shapes_meta.json (every scene's shapes), corpus.json (every text, for the tokenizer)
+  shapes_meta.json (every scene's shapes and reasoning target)
+  corpus.json (every text, for the tokenizer)
 Train scenes are 0..num_train-1, val scenes follow. `train_tokenizer` trains a tiny LLaMA-style
 tokenizer on the corpus with LISA's added tokens.
 """
@@ -332,6 +333,7 @@ def write_dataset(out_dir: str, num_train: int = 64, num_val: int = 16, image_si
       corpus += sents
     # Reasoning (ReasonSeg layout, polygons tracing the masks).
     texts, targets, why = reasoning_query(sc, rng)
+    meta[sc.name]["reason_targets"] = targets
     target = np.max(sc.masks[targets], axis=0)
     shapes = [{"label": "target", "points": p, "group_id": None, "shape_type": "polygon", "flags": {}}
               for p in mask_to_polygons(target)]
