@@ -20,7 +20,7 @@ from conftest import max_abs_diff
 from jaxlisa.conversion import registry
 from jaxlisa.conversion.checkpoint_io import open_checkpoint
 from jaxlisa.conversion.convert import convert_checkpoint
-from jaxlisa.conversion.keymap import export_state
+from jaxlisa.conversion.keymap import export_state, flatten_tree
 from jaxlisa.models import blip2 as B2
 
 TOL = 1e-4
@@ -134,6 +134,26 @@ def test_opt_export_round_trip(opt_pair):
   assert sorted(back) == sorted(src.keys())
 
 
+def test_lavis_blip2_opt_file_converts_to_the_same_params(opt_pair, tmp_path):
+  ref, conv, _, _ = opt_pair
+  state = _lavis_state(ref)
+  state["Qformer.cls.predictions.bias"] = torch.zeros(QV)  # a stage-1 leftover the stage-2 model drops
+  path = str(tmp_path / "blip2_opt.pth")
+  torch.save({"model": state}, path)
+  src = open_checkpoint(path)
+  fam = registry.detect_family(None, src.keys())
+  c = fam.config_from_hf(None, src)
+  assert fam.name == "blip2_opt_lavis" and c.text.num_attention_heads == 1  # width 32: heads of 64 guessed
+  over = {"vision": c.vision.replace(num_attention_heads=4, ln_vision_eps=1e-6),
+          "qformer": c.qformer.replace(num_attention_heads=4), "text": c.text.replace(num_attention_heads=4)}
+  lav = convert_checkpoint(path, config_overrides=over)
+  assert lav.config.text.replace(eos_token_id=2) == conv.config.text.replace(eos_token_id=2)
+  want, got = flatten_tree(conv.params), flatten_tree(lav.params)
+  assert sorted(got) == sorted(want)
+  for k, v in want.items():
+    np.testing.assert_array_equal(got[k], v, err_msg="/".join(k))
+
+
 # ----------------------------------------------------------------------------- stage 1
 @pytest.fixture(scope="module")
 def ret_pair(tmp_path_factory):
@@ -204,8 +224,13 @@ def _lavis_state(ref, seed=3):
                                                                           ".crossattention.self.")] = v
     elif k.startswith("embeddings."):
       out["Qformer.bert." + k] = v
+    elif k.startswith("language_model."):
+      out["opt_model." + k[len("language_model."):]] = v
     else:
-      out[k.replace("vision_projection", "vision_proj").replace("text_projection", "text_proj")] = v
+      out[k.replace("vision_projection", "vision_proj").replace("text_projection", "text_proj")
+          .replace("language_projection", "opt_proj")] = v
+  if "opt_proj.weight" in out:
+    return out
   d = sd["qformer.layernorm.weight"].shape[0]
   p = "Qformer.cls.predictions."
   out[p + "transform.dense.weight"] = 0.2 * torch.randn(d, d, generator=g)
