@@ -290,7 +290,10 @@ def collate(encoded: Sequence[dict], cfg: CollateConfig, inference: bool | None 
 
 def collate_samples(samples: Sequence[Sample], tokenizer, cfg: CollateConfig,
                     inference: bool | None = None) -> LisaBatch:
-  """Encode + collate in one call (tests, scripts); BadSample propagates."""
+  """Encode + collate in one call (tests, scripts); BadSample propagates. Inference batches hold
+  exactly the given images."""
   enc = SampleEncoder(tokenizer, cfg)
+  if inference is None:
+    inference = any(s.get("inference", False) for s in samples)
   return collate([enc(s) for s in samples], cfg, inference,
                  images_per_batch=len(samples) if inference else None)
