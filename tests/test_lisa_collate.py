@@ -28,7 +28,7 @@ def tok():
 def _cfg(**kw):
   base = dict(images_per_batch=2, max_conversations_per_image=3, num_image_tokens=N_IMG,
               image_placeholder_id=PLACEHOLDER, clip_size=32, clip_crop=32, sam_size=64,
-              seq_buckets=(64, 128, 256, 512), mask_buckets=(32, 64, 128))
+              seq_buckets=(64, 128, 256, 512), mask_buckets=(32, 64, 128), layout="flat")
   base.update(kw)
   return CollateConfig(**base)
 
@@ -219,6 +219,21 @@ def test_mismatch_is_counted(tok):
   b = collate_samples([bad, _vqa_sample()], tok, _cfg())
   assert list(b["num_dropped"]) == [1, 0] and (b["labels"][0] == IGNORE).all()
   assert b["mask_valid"][0, 0]  # the [SEG] is still there for the mask loss
+
+
+def test_per_image_layout_is_flat_grouped(tok):
+  samples = [_seg_sample(n=3, seed=1), _vqa_sample()]
+  flat = collate_samples(samples, tok, _cfg())
+  grouped = collate_samples(samples, tok, _cfg(layout="per_image"))
+  assert flat.keys() == grouped.keys()
+  for name, x in grouped.items():
+    assert x.shape[0] == 2, name  # every leaf leads with the images
+    np.testing.assert_array_equal(x.reshape(flat[name].shape), flat[name])
+  assert grouped["input_ids"].shape[:2] == (2, 3) and grouped["gt_masks"].shape[:3] == (2, 3, 1)
+  np.testing.assert_array_equal(grouped["conv_valid"], [[True, True, True], [True, False, False]])
+  with pytest.raises(ValueError, match="flat layout"):
+    _cfg(layout="per_image", microbatches=2)
+  assert CollateConfig().layout == "per_image"
 
 
 def _to_micro(x, k):

@@ -54,8 +54,9 @@ def test_iterator_state_restores_batches(synth):
   assert not all(_same(a, b) for a, b in zip(first, other))
   batches = first + nxt
   assert not any(b["num_dropped"].any() for b in batches)
-  valid = np.concatenate([b["conv_valid"] for b in batches])
-  segs = np.concatenate([b["mask_valid"][:, 0] for b in batches])
+  assert batches[0]["input_ids"].shape[:2] == (2, 3)  # per-image layout: [I, M, T]
+  valid = np.concatenate([b["conv_valid"].ravel() for b in batches])
+  segs = np.concatenate([b["mask_valid"][..., 0].ravel() for b in batches])
   assert segs.sum() > 0 and (valid & ~segs).sum() > 0 and not (segs & ~valid).any()  # + text-only
 
 
@@ -136,10 +137,10 @@ def test_val_batches(synth):
     for b in bs:
       if b["image_valid"][0]:
         h, w = b["orig_hw"][0]
-        assert b["conv_valid"].sum() == 1 and b["mask_valid"][0, 0] and (h, w) == (48, 48)
+        assert b["conv_valid"].sum() == 1 and b["mask_valid"][0, 0, 0] and (h, w) == (48, 48)
   first = hosts[0][0]
   mask, _, _ = get_mask_from_json(val.images[0][:-4] + ".json", (48, 48))
-  np.testing.assert_array_equal(first["gt_masks"][0, 0, :48, :48], mask)
+  np.testing.assert_array_equal(first["gt_masks"][0, 0, 0, :48, :48], mask)
   refer = list(P.val_batches(ValDataset(out, "refcoco|unc|val"), tok, CFG, process_index=0, process_count=1))
   assert len(refer) == 4 and all(b["conv_valid"].sum() == b["mask_valid"].sum() >= 2 for b in refer)
 

@@ -11,12 +11,15 @@ and counts the sample) when a conversation holds more than `max_seg_per_conversa
 larger than the largest mask bucket. Training samples keep their first
 `max_conversations_per_image` conversations.
 
-`collate(encoded, cfg)` -> LisaBatch, a dict of numpy arrays with two leading sizes, images I =
-cfg.images_per_batch and conversations C = I * M (M = max_conversations_per_image; inference: the
-smallest `conv_buckets` entry >= the most conversations of an image):
+`collate(encoded, cfg)` -> LisaBatch, a dict of numpy arrays. Sizes: images I =
+cfg.images_per_batch, conversation slots per image M (max_conversations_per_image; inference: the
+smallest `conv_buckets` entry >= the most conversations of an image), K = max_seg_per_conversation.
+With cfg.layout = "per_image" (default; what models/lisa.py takes) every conversation field leads
+with [I, M]; with "flat" it leads with C = I * M rows (shapes below are written flat):
 
   input_ids       int32 [C, T]  right-padded with pad_token_id; image placeholders hold
-                                image_placeholder_id
+                                image_placeholder_id (default -200, never a real id; set it to the
+                                model's image_token_index)
   labels          int32 [C, T]  IGNORE_INDEX (-100) on prompt, image and padding
   attention_mask  int32 [C, T]  1 on every real position (placeholders included)
   image_token_mask bool [C, T]  True on the num_image_tokens placeholder positions
@@ -34,13 +37,14 @@ smallest `conv_buckets` entry >= the most conversations of an image):
   num_dropped     int32 [I]     conversations whose labels were blanked (token count mismatch)
 
 T is the smallest `seq_buckets` entry >= the longest sequence; Hb = Wb the smallest `mask_buckets`
-entry >= the largest original image side. Row layout: image i's m-th conversation is row
-`conversation_rows(I, M, microbatches)[i, m]`. With microbatches = 1 that is i * M + m; with k
-microbatches rows are interleaved so that after the trainer's strided split (rows j, j + k, ...)
-and any even split into contiguous shards, row r of every piece still belongs to image r // M of
-that piece: the model may always pair conversations with images by repeating image features M
-times. Unlike LISA, attention_mask is 1 on an in-text <unk> (LISA's mask is input_ids != pad);
-such a conversation fails the token count check and carries no labels anyway.
+entry >= the largest original image side. Every leaf of a per_image batch leads with I, so any
+split of the batch dim (data shards, the trainer's strided microbatches) keeps conversations with
+their image. Flat rows: image i's m-th conversation is row `conversation_rows(I, M,
+microbatches)[i, m]`; with microbatches = 1 that is i * M + m; with k microbatches rows are
+interleaved so that after the trainer's strided split (rows j, j + k, ...) and any even split into
+contiguous shards, row r of every piece still belongs to image r // M of that piece. Unlike LISA,
+attention_mask is 1 on an in-text <unk> (LISA's mask is input_ids != pad); such a conversation
+fails the token count check and carries no labels anyway.
 """
 
 from __future__ import annotations
@@ -51,7 +55,8 @@ from typing import Sequence, TypedDict
 import numpy as np
 from absl import logging
 
-from jaxlisa.data.conversation import DEFAULT_IMAGE_TOKEN, DEFAULT_SEG_TOKEN, IGNORE_INDEX, get_template
+from jaxlisa.data.conversation import (DEFAULT_IMAGE_TOKEN, DEFAULT_SEG_TOKEN, IGNORE_INDEX,
+                                       IMAGE_TOKEN_INDEX, get_template)
 from jaxlisa.data.lisa_datasets.common import (BadSample, Sample, conversation_turns, render_conversations,
                                                seg_counts)
 from jaxlisa.data.preprocess import clip_preprocess, sam_preprocess
@@ -64,7 +69,7 @@ class CollateConfig:
   max_conversations_per_image: int = 3       # M (training; LISA num_classes_per_sample)
   max_seg_per_conversation: int = 1          # K
   num_image_tokens: int = 256                # CLIP-L/14 at 224 px
-  image_placeholder_id: int = 0
+  image_placeholder_id: int = IMAGE_TOKEN_INDEX  # never a real or pad id; match the model's
   pad_token_id: int = 0                      # LISA pads with <unk>
   model_max_length: int = 512
   conv_type: str = "llava_v1"
@@ -75,7 +80,14 @@ class CollateConfig:
   seq_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
   mask_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
   conv_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # inference conversations per image
-  microbatches: int = 1                      # the trainer's grad_accum (row interleaving)
+  layout: str = "per_image"                  # "per_image": [I, M, ...]; "flat": [I * M, ...]
+  microbatches: int = 1                      # flat layout: the trainer's grad_accum (interleaving)
+
+  def __post_init__(self):
+    if self.layout not in ("per_image", "flat"):
+      raise ValueError(f"layout must be 'per_image' or 'flat', got {self.layout!r}")
+    if self.layout == "per_image" and self.microbatches != 1:
+      raise ValueError("microbatches (row interleaving) only applies to the flat layout")
 
   @property
   def truncate_len(self) -> int:
@@ -121,17 +133,22 @@ def conversation_rows(images: int, convs: int, microbatches: int = 1) -> np.ndar
   return (block * convs * microbatches + m * microbatches + r).astype(np.int32)
 
 
+CONVERSATION_FIELDS = ("input_ids", "labels", "attention_mask", "image_token_mask", "seg_positions",
+                       "image_index", "conv_valid", "gt_masks", "mask_valid")
+
+
 def batch_shapes(cfg: CollateConfig, seq_len: int, mask_size: int, convs: int | None = None,
                  images: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """{field: (shape, dtype)} of a batch with these sizes (e.g. to build abstract model inputs)."""
   i = cfg.images_per_batch if images is None else images
-  c = i * (cfg.max_conversations_per_image if convs is None else convs)
+  m = cfg.max_conversations_per_image if convs is None else convs
+  c = (i, m) if cfg.layout == "per_image" else (i * m,)
   k, t, s = cfg.max_seg_per_conversation, seq_len, cfg.sam_size
   i32, u8, f32, b = np.dtype(np.int32), np.dtype(np.uint8), np.dtype(np.float32), np.dtype(bool)
-  return {"input_ids": ((c, t), i32), "labels": ((c, t), i32), "attention_mask": ((c, t), i32),
-          "image_token_mask": ((c, t), b), "seg_positions": ((c, k), i32), "image_index": ((c,), i32),
-          "conv_valid": ((c,), b), "gt_masks": ((c, k, mask_size, mask_size), u8),
-          "mask_valid": ((c, k), b), "clip_pixels": ((i, cfg.clip_crop, cfg.clip_crop, 3), f32),
+  return {"input_ids": (c + (t,), i32), "labels": (c + (t,), i32), "attention_mask": (c + (t,), i32),
+          "image_token_mask": (c + (t,), b), "seg_positions": (c + (k,), i32), "image_index": (c, i32),
+          "conv_valid": (c, b), "gt_masks": (c + (k, mask_size, mask_size), u8),
+          "mask_valid": (c + (k,), b), "clip_pixels": ((i, cfg.clip_crop, cfg.clip_crop, 3), f32),
           "sam_pixels": ((i, s, s, 3), f32), "image_valid": ((i,), b), "resize_hw": ((i, 2), i32),
           "orig_hw": ((i, 2), i32), "num_conversations": ((i,), i32), "num_skipped": ((i,), i32),
           "num_dropped": ((i,), i32)}
@@ -232,7 +249,8 @@ def collate(encoded: Sequence[dict], cfg: CollateConfig, inference: bool | None 
     if most > m_conv:
       raise ValueError(f"an image has {most} conversations > max_conversations_per_image {m_conv}")
   k_seg = cfg.max_seg_per_conversation
-  rows = conversation_rows(n_img, m_conv, cfg.microbatches)
+  per_image = cfg.layout == "per_image"
+  rows = conversation_rows(n_img, m_conv, 1 if per_image else cfg.microbatches)
   n_conv = n_img * m_conv
   longest = max([len(x) for e in encoded for x in e["input_ids"]] + [1])
   if longest > max(cfg.seq_buckets):
@@ -285,6 +303,9 @@ def collate(encoded: Sequence[dict], cfg: CollateConfig, inference: bool | None 
     out["num_conversations"][i] = len(e["input_ids"])
     out["num_skipped"][i] = e.get("num_skipped", 0)
     out["num_dropped"][i] = sum(e["dropped"])
+  if per_image:  # rows are i * M + m
+    for name in CONVERSATION_FIELDS:
+      out[name] = out[name].reshape(n_img, m_conv, *out[name].shape[1:])
   return out
 
 
