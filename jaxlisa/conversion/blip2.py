@@ -51,13 +51,14 @@ def _dense(src: str, dst: str, t=LINEAR) -> list[Rule]:
 
 
 def qformer_rules(c: QFormerConfig, src: str = "Qformer.", dst: str = "Qformer/", style: str = "lavis",
-                  embeddings_src: str | None = None) -> list[Rule]:
+                  embeddings_src: str | None = None, query_ffn: bool = True) -> list[Rule]:
   """Q-Former names under `src` -> QFormer params under `dst`.
 
   style "lavis": `{src}bert.embeddings.*`, `{src}bert.encoder.layer.{i}.attention.self.query`,
   `{src}cls.predictions.*` (LAVIS `BertLMHeadModel`). style "hf": `{src}layernorm`,
   `{src}encoder.layer.{i}.attention.attention.query` (HF `Blip2QFormerModel`), the word/position
-  embeddings under `embeddings_src` (HF `Blip2ForImageTextRetrieval`: "embeddings.").
+  embeddings under `embeddings_src` (HF `Blip2ForImageTextRetrieval`: "embeddings."). query_ffn=False
+  for a plain BERT decoder (BLIP's text decoder: no `*_query` FFN).
   """
   d = f"{dst}bert/"
   if style == "lavis":
@@ -81,7 +82,7 @@ def qformer_rules(c: QFormerConfig, src: str = "Qformer.", dst: str = "Qformer/"
       rules += [Rule(f"{s}{blk}.output.dense.weight", f"{t}{blk}/output/dense/kernel", LINEAR_IN2),
                 Rule(f"{s}{blk}.output.dense.bias", f"{t}{blk}/output/dense/bias")]
       rules += _ln(f"{s}{blk}.output.LayerNorm", f"{t}{blk}/output/LayerNorm")
-    for suffix in ("_query", "") if c.use_text else ("_query",):
+    for suffix in ("_query",) * query_ffn + ("",) * c.use_text:
       rules += _dense(f"{s}intermediate{suffix}.dense", f"{t}intermediate{suffix}/dense")
       rules += _dense(f"{s}output{suffix}.dense", f"{t}output{suffix}/dense")
       rules += _ln(f"{s}output{suffix}.LayerNorm", f"{t}output{suffix}/LayerNorm")

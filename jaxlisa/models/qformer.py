@@ -141,20 +141,26 @@ class BertSelfAttention(nn.Module):
   config: QFormerConfig
 
   @nn.compact
-  def __call__(self, x, kv_input, mask, prefix_kv=None, layer_cache=None, cache_index=0, text_start=0):
+  def __call__(self, x, kv_input, mask, prefix_kv=None, layer_cache=None, cache_index=0, text_start=0,
+               static_kv=None):
     """x [B, T, D]; kv_input [B, S, D_kv] (x itself for self-attention); mask [B, 1, T, K].
 
     prefix_kv {'k','v': [B, P, N, H]} goes in front of the keys. layer_cache {'k','v': [B, S, N, H]}
     receives the keys/values of positions text_start.. at `cache_index` (the query positions before
-    `text_start` stay uncached). Returns (context [B, T, N, H], (k, v) of kv_input, new cache | None).
+    `text_start` stay uncached). static_kv (k, v) [B, S, N, H] replaces the key/value projections of
+    kv_input (cross-attention K/V computed once for decoding). Returns (context [B, T, N, H],
+    (k, v) of kv_input, new cache | None).
     """
     c = self.config
     kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), use_bias=True)
     n, h = c.num_attention_heads, c.head_dim
     proj = lambda name: DenseGeneral((n, h), kernel_axes=("embed", "heads", "head_dim"), name=name, **kw)
     q = checkpoint_name(proj("query")(x), "query_proj")
-    k = checkpoint_name(proj("key")(kv_input), "key_proj")
-    v = checkpoint_name(proj("value")(kv_input), "value_proj")
+    if static_kv is None:
+      k = checkpoint_name(proj("key")(kv_input), "key_proj")
+      v = checkpoint_name(proj("value")(kv_input), "value_proj")
+    else:
+      k, v = static_kv
     own = (k, v)
     new_cache = None
     if layer_cache is not None:
@@ -206,9 +212,9 @@ class QFormerAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, kv_input, mask, prefix_kv=None, layer_cache=None, cache_index=0, text_start=0,
-               deterministic=True):
+               deterministic=True, static_kv=None):
     ctx, kv, new_cache = BertSelfAttention(self.config, name="self")(x, kv_input, mask, prefix_kv, layer_cache,
-                                                                      cache_index, text_start)
+                                                                      cache_index, text_start, static_kv)
     out = DenseLayerNorm(self.config, in_axes=2, kernel_axes=("heads", "head_dim", "embed"), name="output")(
         ctx, x, deterministic)
     return checkpoint_name(out, "out_proj"), kv, new_cache
