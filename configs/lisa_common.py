@@ -1,0 +1,40 @@
+"""Shared LISA config skeleton: the official train_ds.py defaults (model/LISA.py, train_ds.py)."""
+
+import ml_collections
+
+from configs import common
+
+# The official trainable set: LoRA on q/v, full lm_head, embed_tokens, mask decoder, text_hidden_fcs.
+OFFICIAL_TRAINABLE = (r".*/lora_[ab]", r"llava/language_model/lm_head/.*", r"llava/language_model/embed_tokens/.*",
+                      r"visual_model/mask_decoder/.*", r"text_hidden_fcs/.*")
+
+
+def sam_vit_h() -> dict:
+  return dict(img_size=1024, patch_size=16, embed_dim=1280, depth=32, num_heads=16, window_size=14,
+              global_attn_indexes=(7, 15, 23, 31), out_chans=256, prompt_embed_dim=256)
+
+
+def lisa_config(text: dict, vision: dict, sam: dict, out_dim: int = 256) -> ml_collections.ConfigDict:
+  config = common.trainer(ml_collections.ConfigDict())
+  config.task = "lisa"
+  config.model = ml_collections.ConfigDict(dict(
+      llava=dict(vision=vision, text=text, projector_type="linear", vision_feature_layer=-2,
+                 vision_feature_select_strategy="default", image_token_index=-200, mm_use_im_start_end=True),
+      sam=sam, seg_token_idx=-1, out_dim=out_dim, max_seg_per_conversation=1,
+      ce_loss_weight=1.0, bce_loss_weight=2.0, dice_loss_weight=0.5))
+  config.init = ml_collections.ConfigDict(dict(pretrained="", clip=""))
+  config.data = ml_collections.ConfigDict(dict(
+      base_dir="", dataset="sem_seg||refer_seg||vqa||reason_seg", sample_rates="9,3,3,1",
+      sem_seg_data="ade20k||cocostuff||pascal_part||paco_lvis||mapillary",
+      refer_seg_data="refclef||refcoco||refcoco+||refcocog", vqa_data="llava_instruct_150k",
+      reason_seg_data="ReasonSeg|train", val_dataset="ReasonSeg|val", explanatory=0.1,
+      num_classes_per_sample=3, samples_per_epoch=80_000,
+      synthetic=dict(num_train=2000, num_val=100, image_size=64, max_shapes=3, seed=0, vocab_size=600),
+      collate=dict(max_conversations_per_image=3, model_max_length=512, conv_type="llava_v1",
+                   use_mm_start_end=True, pad_token_id=0)))
+  # official optimizer: AdamW lr 3e-4, betas (0.9, 0.95), no weight decay, WarmupDecayLR 100 steps, clip 1.0
+  config.optim.update(lr=3e-4, schedule="warmup_decay", warmup_steps=100, b1=0.9, b2=0.95, weight_decay=0.0,
+                      grad_clip=1.0)
+  config.trainable = OFFICIAL_TRAINABLE
+  config.ckpt.update(best_metric="eval/giou", best_mode="max")
+  return config

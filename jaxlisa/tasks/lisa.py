@@ -1,0 +1,171 @@
+"""LISA training and validation (the official recipe, on any of the supported datasets).
+
+config.model      LisaConfig fields: llava {vision, text, projector_type, ...}, sam {...},
+                  seg_token_idx (-1: from the tokenizer), out_dim, max_seg_per_conversation,
+                  ce/bce/dice loss weights; text.vocab_size -1 = the tokenizer's size.
+config.init       pretrained: a converted jaxlisa LISA directory or an official LISA checkpoint
+                  ('' = train from scratch); clip: CLIP directory for official checkpoints.
+config.data       base_dir ('' = the synthetic shapes dataset, written to workdir/data once),
+                  synthetic {num_train, num_val, image_size, max_shapes, seed}, dataset /
+                  sample_rates / *_data / explanatory / num_classes_per_sample (train_ds.py flags),
+                  val_dataset, samples_per_epoch, collate {CollateConfig fields}.
+Batches are per image ([I, J, ...], jaxlisa/data/lisa_collate.py); config.batch_size counts images.
+Validation is teacher-forced as official and reports gIoU / cIoU (jaxlisa/evaluation).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+from absl import logging
+
+from jaxlisa import tasks
+from jaxlisa.data import lisa_collate, lisa_pipeline, synthetic_shapes
+from jaxlisa.data.lisa_datasets import ValDataset, build_hybrid
+from jaxlisa.evaluation import seg_metrics
+from jaxlisa.models.lisa import Lisa, LisaConfig
+from jaxlisa.training import losses
+
+
+def model_config_from(config, tokenizer) -> LisaConfig:
+  """LisaConfig from config.model, resolving -1 (auto) fields from the tokenizer."""
+  d = config.model.to_dict()
+  text = dict(d["llava"]["text"])
+  if text.get("vocab_size", -1) == -1:
+    text["vocab_size"] = len(tokenizer)
+  if len(tokenizer) > text["vocab_size"]:
+    raise ValueError(f"tokenizer has {len(tokenizer)} tokens > model vocab {text['vocab_size']}")
+  d["llava"] = {**d["llava"], "text": text}
+  if d.get("seg_token_idx", -1) == -1:
+    d["seg_token_idx"] = lisa_collate.seg_token_index(tokenizer)
+  return LisaConfig.from_dict(d)
+
+
+def collate_config(config, model_config: LisaConfig) -> lisa_collate.CollateConfig:
+  c = dict(config.data.collate.to_dict())
+  for k in ("seq_buckets", "mask_buckets", "conv_buckets"):
+    if k in c:
+      c[k] = tuple(c[k])
+  return lisa_collate.CollateConfig(
+      images_per_batch=config.batch_size, num_image_tokens=model_config.num_image_tokens,
+      image_placeholder_id=model_config.llava.image_token_index,
+      max_seg_per_conversation=model_config.max_seg_per_conversation,
+      clip_size=model_config.llava.vision.image_size, clip_crop=model_config.llava.vision.image_size,
+      sam_size=model_config.sam.img_size, **c)
+
+
+class Task(tasks.Task):
+  """LISA: CE + BCE + dice on [SEG] masks; gIoU / cIoU validation."""
+
+  def __init__(self, config, workdir: str):
+    super().__init__(config, workdir)
+    d = config.data
+    self.base_dir = d.base_dir or os.path.join(workdir, "data")
+    self.pretrained_dir = config.init.pretrained
+    if not d.base_dir:
+      if not os.path.exists(os.path.join(self.base_dir, "corpus.json")):
+        s = d.synthetic
+        logging.info("writing the synthetic shapes dataset to %s", self.base_dir)
+        synthetic_shapes.write_dataset(self.base_dir, num_train=s.num_train, num_val=s.num_val,
+                                       image_size=s.image_size, seed=s.seed, max_shapes=s.max_shapes)
+    self.tokenizer = self._tokenizer()
+    self.model_config = model_config_from(config, self.tokenizer)
+    self.model = Lisa(self.model_config)
+    self.collate = collate_config(config, self.model_config)
+
+  def _tokenizer(self):
+    tok_dir = os.path.join(self.workdir, "tokenizer")
+    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+      return synthetic_shapes.load_tokenizer(tok_dir)
+    if self.pretrained_dir:
+      from jaxlisa.conversion.convert import load_tokenizer  # pylint: disable=import-outside-toplevel
+      tok = load_tokenizer(self.pretrained_dir)
+      if tok is None:
+        raise ValueError(f"{self.pretrained_dir} has no tokenizer files")
+      return tok
+    tok = synthetic_shapes.train_tokenizer(synthetic_shapes.read_corpus(self.base_dir), tok_dir,
+                                           vocab_size=self.config.data.synthetic.vocab_size,
+                                           model_max_length=self.config.data.collate.model_max_length)
+    return tok
+
+  # ---------------------------------------------------------------------------------- model
+  def init(self, rng):
+    c = self.model_config
+    n = c.num_image_tokens
+    ids = jnp.zeros((1, 1, n + 4), jnp.int32).at[0, 0, 1:n + 1].set(c.llava.image_token_index)
+    v, s = c.llava.vision, c.sam
+    return self.model.init(rng, ids, jnp.ones_like(ids), jnp.zeros((1, v.image_size, v.image_size, 3)),
+                           jnp.zeros((1, s.img_size, s.img_size, 3)))["params"]
+
+  def pretrained(self):
+    if not self.pretrained_dir:
+      return None
+    from jaxlisa.conversion.convert import load_pretrained  # pylint: disable=import-outside-toplevel
+    kw = {"clip": self.config.init.clip} if self.config.init.clip else {}
+    pre = load_pretrained(self.pretrained_dir, with_tokenizer=False, **kw)
+    if pre.family != "lisa":
+      raise ValueError(f"{self.pretrained_dir} is a {pre.family} checkpoint, not LISA")
+    return pre.params
+
+  def forward(self, params, batch, rng=None, train=False):
+    out = self.model.apply(
+        {"params": params}, batch["input_ids"], batch["attention_mask"], batch["clip_pixels"],
+        batch["sam_pixels"], batch["resize_hw"], batch["orig_hw"], mask_shape=batch["gt_masks"].shape[-2:],
+        deterministic=not train, rngs={"dropout": rng} if (train and rng is not None) else None)
+    return out, batch["mask_valid"] & out.seg_valid
+
+  def loss(self, params, batch, rng, train=True):
+    c = self.model_config
+    out, valid = self.forward(params, batch, rng, train)
+    total, aux = losses.lisa_loss(out.logits, batch["labels"], out.pred_masks, batch["gt_masks"], valid,
+                                  batch["orig_hw"], ce_weight=c.ce_loss_weight, bce_weight=c.bce_loss_weight,
+                                  dice_weight=c.dice_loss_weight)
+    aux["weight"] = jnp.sum(batch["image_valid"]).astype(jnp.float32)
+    return total, aux
+
+  # ---------------------------------------------------------------------------------- data
+  def train_data(self):
+    d = self.config.data
+    if d.base_dir:
+      source = build_hybrid(d.base_dir, d.dataset, tuple(float(x) for x in d.sample_rates.split(",")),
+                            samples_per_epoch=d.samples_per_epoch, seed=self.config.seed,
+                            num_classes_per_sample=d.num_classes_per_sample, sem_seg_data=d.sem_seg_data,
+                            refer_seg_data=d.refer_seg_data, vqa_data=d.vqa_data,
+                            reason_seg_data=d.reason_seg_data, explanatory=d.explanatory)
+    else:
+      source = build_hybrid(self.base_dir, d.dataset, tuple(float(x) for x in d.sample_rates.split(",")),
+                            samples_per_epoch=d.samples_per_epoch, seed=self.config.seed,
+                            num_classes_per_sample=d.num_classes_per_sample, explanatory=d.explanatory,
+                            **synthetic_shapes.HYBRID_KWARGS)
+    return lisa_pipeline.train_iterator(source, self.tokenizer, self.collate, seed=self.config.seed,
+                                        samples_per_epoch=d.samples_per_epoch)
+
+  def eval_data(self):
+    d = self.config.data
+    if not d.val_dataset:
+      return None
+    val = ValDataset(self.base_dir, d.val_dataset)
+    return lisa_pipeline.val_batches(val, self.tokenizer, self.collate)
+
+  def eval_step(self, params, batch, rng):
+    out, valid = self.forward(params, batch)
+    region = losses.valid_region(batch["orig_hw"][:, None, None, :], out.pred_masks.shape[-2:])
+    inter, union = seg_metrics.intersection_union(out.pred_masks, batch["gt_masks"], region)
+    v = valid.astype(jnp.float32)
+    n = v.sum()
+    per = lambda x: (x * v).sum() / jnp.maximum(n, 1.0)
+    return {"weight": n, "giou": per(seg_metrics.mask_iou(inter, union)), "inter": per(inter),
+            "union": per(union)}
+
+  def eval_summary(self, means):
+    return {"giou": means["giou"], "ciou": means["inter"] / (means["union"] + 1e-10)}
+
+  def describe(self):
+    c = self.model_config
+    t, v, s = c.llava.text, c.llava.vision, c.sam
+    return {"model": f"LISA: CLIP {v.num_hidden_layers}x{v.hidden_size}@{v.image_size}px "
+                     f"({c.num_image_tokens} tokens), LLM {t.family} {t.num_hidden_layers}x{t.hidden_size} "
+                     f"(vocab {t.vocab_size}, lora r{t.lora_rank}), SAM {s.depth}x{s.embed_dim}@{s.img_size}px",
+            "data": self.config.data.base_dir or f"synthetic shapes in {self.base_dir}",
+            "tokenizer": f"{len(self.tokenizer)} tokens, [SEG] = {c.seg_token_idx}"}
