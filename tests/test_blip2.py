@@ -118,6 +118,19 @@ def test_opt_greedy_captions_match_hf(opt_pair):
   np.testing.assert_array_equal(np.asarray(got.tokens)[:, :want.shape[1]], want)
 
 
+def test_opt_beam_captions_match_hf(opt_pair):
+  ref, conv, module, _ = opt_pair
+  x, xt = _pixels(2, seed=1)
+  kw = dict(num_beams=3, max_new_tokens=8, repetition_penalty=1.3)
+  seqs, lengths = B2.beam_captions(module, conv.params, x, jnp.full((2, 1), 2, jnp.int32), jnp.ones((2, 1), jnp.int32),
+                                   eos_ids=(50,), fill_value=1, min_new_tokens=2, **kw)
+  with torch.no_grad():
+    want = ref.generate(pixel_values=xt, input_ids=torch.tensor([[IMAGE_TOKEN] * NQ + [2]] * 2), eos_token_id=50,
+                        pad_token_id=1, min_new_tokens=2, **kw).numpy()
+  seqs, lengths = np.asarray(seqs), np.asarray(lengths)
+  np.testing.assert_array_equal(seqs[:, :NQ + 1 + lengths.max()], want)
+
+
 def test_opt_export_round_trip(opt_pair):
   _, conv, _, d = opt_pair
   src = open_checkpoint(d)

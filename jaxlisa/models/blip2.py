@@ -43,6 +43,7 @@ from absl import logging
 from jaxlisa.inference import generate as gen_lib
 from jaxlisa.models.eva import EVAViTConfig, EVAVisionTransformer
 from jaxlisa.models.layers import DenseGeneral
+from jaxlisa.models import llm as llm_lib
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
 from jaxlisa.models.qformer import IGNORE_INDEX, QFormer, QFormerConfig, lm_cross_entropy
 
@@ -373,6 +374,50 @@ def generate_captions(model: Blip2OPT, params, pixels, prompt_ids, prompt_mask, 
   pad = c.pad_token_id if pad_token_id is None else pad_token_id
   return gen_lib.generate(DecoderLM(c), params["opt_model"], None, mask, inputs_embeds=embeds,
                           max_new_tokens=max_new_tokens, stop_ids=stop, pad_token_id=pad or 0, **kw)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_beams", "max_new_tokens", "min_new_tokens", "eos_ids",
+                                             "fill_value", "repetition_penalty", "length_penalty", "early_stopping",
+                                             "num_return_sequences"))
+def beam_captions(model: Blip2OPT, params, pixels, prompt_ids, prompt_mask, *, num_beams: int = 5,
+                  max_new_tokens: int = 30, min_new_tokens: int = 0, eos_ids: tuple[int, ...] = (),
+                  fill_value: int = 1, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
+                  early_stopping: bool | str = False, num_return_sequences: int = 1):
+  """Beam search over OPT after [opt_proj(queries); prompt] (LAVIS `Blip2OPT.generate` defaults to 5
+  beams), with HF's beam semantics (jaxlisa.models.blip.beam_search). The hypotheses are written as HF
+  `Blip2ForConditionalGeneration.generate` returns them: Q image-token ids (config.image_token_index;
+  -1 when unset, never penalised), the prompt ids, then the new tokens; lengths count new tokens.
+  prompt_ids / prompt_mask [B, P] (unpadded prompts keep the repetition penalty HF-exact).
+  Returns (sequences [B * R, Q + P + max_new_tokens], lengths [B * R])."""
+  from jaxlisa.models import blip as blip_lib  # pylint: disable=import-outside-toplevel
+  c = model.config.text
+  k = num_beams
+  b, p = prompt_ids.shape
+  nq = model.config.num_query_tokens
+  embeds, mask = model.apply({"params": params}, pixels, prompt_ids, prompt_mask, method=Blip2OPT.prefix_embeds)
+  total = nq + p + max_new_tokens
+  lm = DecoderLM(c)
+  rep = lambda x: jnp.repeat(x, k, axis=0)
+  slots = jnp.concatenate([rep(mask).astype(jnp.int32), jnp.ones((b * k, max_new_tokens), jnp.int32)], axis=1)
+  cache = llm_lib.init_cache(c, b * k, total)
+  out = lm.apply({"params": params["opt_model"]}, None, slots, inputs_embeds=rep(embeds), cache=cache,
+                 cache_index=0)
+  first = out.logits[:, -1]
+
+  def step(cache, tokens, index):
+    o = lm.apply({"params": params["opt_model"]}, tokens, slots, cache=cache, cache_index=index)
+    return o.logits[:, -1], o.cache
+
+  image_ids = jnp.full((b, nq), -1 if model.config.image_token_index is None else model.config.image_token_index,
+                       jnp.int32)
+  hf_prompt = jnp.concatenate([image_ids, prompt_ids.astype(jnp.int32)], axis=1)
+  res = blip_lib.beam_search(step, out.cache, first, hf_prompt, num_beams=k, max_length=total,
+                             min_length=nq + p + min_new_tokens, eos_ids=eos_ids, fill_value=fill_value,
+                             repetition_penalty=repetition_penalty, length_penalty=length_penalty,
+                             early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+                             state_batch_axis=1)
+  r = num_return_sequences
+  return res.sequences.reshape(b * r, total), res.lengths.reshape(b * r)
 
 
 @functools.lru_cache(maxsize=8)
