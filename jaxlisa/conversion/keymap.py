@@ -276,7 +276,8 @@ def _index_combos(rule: Rule, flat: Mapping[Path, np.ndarray], scan: bool, field
     return
   # Probe with the first destination; stacked axes give the ranges, unscanned names the values.
   dst_t = rule.dsts[0]
-  if scan:
+  # Only whole-segment fields are stacked; inline ones (`blocks_{i}`) are read off the names.
+  if scan and any(_FIELD.fullmatch(seg) for seg in dst_t.split("/")):
     probe, _ = resolve_dst(dst_t, {f: "0" for f in fields}, True)
     if probe not in flat:
       return
