@@ -52,6 +52,8 @@ def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float3
   source = open_checkpoint(src)
   cfg_json = read_config_json(src)
   fam = registry.get_family(family) if family else registry.detect_family(cfg_json, source.keys())
+  if fam.open_source is not None:
+    source = fam.open_source(src)
   model_config = fam.config_from_hf(cfg_json, source)
   if config_overrides:
     model_config = dataclasses.replace(model_config, **config_overrides)

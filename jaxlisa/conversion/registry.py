@@ -26,6 +26,8 @@ class Family:
   build(model_config) -> linen module; dummy_inputs(model_config) -> args for module.init.
   skip: regexes of source keys that are known buffers; keep_fp32: param paths kept in fp32.
   verify: optional (src_dir, module, params, model_config) -> max abs logit diff vs PyTorch.
+  open_source: optional (src) -> TensorSource, for a family whose tensors are not all under src
+    (LISA: the CLIP tower lives in its own directory); default open_checkpoint(src).
   """
   name: str
   detect: Callable[[dict | None, Sequence[str]], bool]
@@ -39,6 +41,7 @@ class Family:
   export_rules: Callable[[Any], Sequence[Rule]] | None = None
   verify: Callable[..., float] | None = None
   priority: int = 0  # higher is tried first in detection
+  open_source: Callable[[str], Any] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}
