@@ -126,9 +126,80 @@ def _log_to_workdir(workdir: str) -> None:
     flags.FLAGS.stderrthreshold = "warning"
 
 
+def _trained_params(config, workdir: str):
+  """(task, params): the latest checkpoint in workdir over the task's init and pretrained weights."""
+  from jaxlisa.training.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  trainer = Trainer(config, workdir)
+  try:
+    state, _, step = trainer.restore_or_init()
+  finally:
+    trainer.close()
+  if step == 0 and not config.init.get("pretrained", ""):
+    logging.warning("no checkpoint in %s and no init.pretrained: using untrained weights", workdir)
+  return trainer.task, state.params, step
+
+
+def run_eval(config, workdir: str) -> None:
+  """Validation only (the official --eval_only): metrics of the latest checkpoint."""
+  from jaxlisa.training.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  trainer = Trainer(config, workdir)
+  try:
+    state, _, step = trainer.restore_or_init()
+    metrics = trainer.evaluate(state)
+  finally:
+    trainer.close()
+  print(f"eval at step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+
+
+def run_segment(config, workdir: str) -> None:
+  """Segment images from questions: --config.image=a.jpg[,b.jpg] --config.prompt="q1[||q2]".
+  Prints each answer and writes {name}_mask_{k}.png and {name}_overlay_{k}.png per [SEG]."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from jaxlisa.data.preprocess import ImageError, load_image  # pylint: disable=import-outside-toplevel
+  from jaxlisa.inference import segment as seg_lib  # pylint: disable=import-outside-toplevel
+  paths = [p for p in config.image.split(",") if p]
+  prompts = [p for p in config.prompt.split("||") if p.strip()]
+  if not paths or not prompts:
+    raise app.UsageError("segment mode needs --config.image=PATH[,PATH...] and --config.prompt=TEXT[||TEXT...]")
+  if len(prompts) == 1:
+    prompts = prompts * len(paths)
+  if len(paths) == 1:
+    paths = paths * len(prompts)
+  if len(paths) != len(prompts):
+    raise app.UsageError(f"{len(paths)} images for {len(prompts)} prompts")
+  try:
+    images = [load_image(p) for p in paths]
+  except (ImageError, FileNotFoundError) as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
+  task, params, step = _trained_params(config, workdir)
+  out_dir = config.segment_dir or os.path.join(workdir, "segment")
+  os.makedirs(out_dir, exist_ok=True)
+  col = config.data.collate
+  try:
+    results = seg_lib.segment(task.model, params, task.tokenizer, images, prompts,
+                              max_new_tokens=config.max_new_tokens, conv_type=col.conv_type,
+                              use_mm_start_end=col.use_mm_start_end, max_length=col.model_max_length)
+  except seg_lib.PromptTooLongError as e:
+    sys.stderr.write(f"error: {e}\n")
+    sys.exit(2)
+  for i, (path, prompt, image, res) in enumerate(zip(paths, prompts, images, results)):
+    name = f"{i}_{os.path.splitext(os.path.basename(path))[0]}"
+    print(f"[{path}] {prompt}\n  answer: {res.text}")
+    if not res.has_seg:
+      print("  no [SEG] in the answer: no mask")
+    for k, m in enumerate(res.masks):
+      Image.fromarray((m * 255).astype(np.uint8)).save(os.path.join(out_dir, f"{name}_mask_{k}.png"))
+      Image.fromarray(seg_lib.overlay(image, m)).save(os.path.join(out_dir, f"{name}_overlay_{k}.png"))
+      print(f"  mask {k}: {int(m.sum())} pixels -> {out_dir}/{name}_mask_{k}.png, {name}_overlay_{k}.png")
+  print(f"(weights from step {step} of {workdir})")
+
+
 MODES = {
     "train": run_train,
-    # "eval": ..., "segment": ..., "plan": ... are added with the LISA jobs.
+    "eval": run_eval,
+    "segment": run_segment,
 }
 
 
@@ -140,13 +211,16 @@ def main(argv):
   if mode not in MODES:
     raise app.UsageError(f"unknown config.mode {mode!r}; known: {', '.join(MODES)}")
   workdir = _WORKDIR.value or default_workdir(_config_spec(sys.argv))
-  previous = cfg_lib.read_config(workdir)
-  if previous is not None:
-    changed = cfg_lib.diff(previous, cfg_lib.to_dict(config))
-    if changed:
-      logging.warning("config differs from the previous run in %s: %s", workdir,
-                      ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-  cfg_lib.write_config(config, workdir, sys.argv)
+  if mode == "train":  # other modes read a run's workdir and leave its config.json as it is
+    previous = cfg_lib.read_config(workdir)
+    if previous is not None:
+      changed = cfg_lib.diff(previous, cfg_lib.to_dict(config))
+      if changed:
+        logging.warning("config differs from the previous run in %s: %s", workdir,
+                        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    cfg_lib.write_config(config, workdir, sys.argv)
+  else:
+    os.makedirs(workdir, exist_ok=True)
   _log_to_workdir(workdir)
   logging.info("mode %s, workdir %s", mode, workdir)
   MODES[mode](config, workdir)

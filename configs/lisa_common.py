@@ -35,6 +35,11 @@ def lisa_config(text: dict, vision: dict, sam: dict, out_dim: int = 256) -> ml_c
   # official optimizer: AdamW lr 3e-4, betas (0.9, 0.95), no weight decay, WarmupDecayLR 100 steps, clip 1.0
   config.optim.update(lr=3e-4, schedule="warmup_decay", warmup_steps=100, b1=0.9, b2=0.95, weight_decay=0.0,
                       grad_clip=1.0)
+  # --config.mode=segment: --config.image=a.jpg[,b.jpg] --config.prompt="question[||question]"
+  config.image = ""
+  config.prompt = ""
+  config.max_new_tokens = 64
+  config.segment_dir = ""  # default: workdir/segment
   config.trainable = OFFICIAL_TRAINABLE
   config.ckpt.update(best_metric="eval/giou", best_mode="max")
   return config

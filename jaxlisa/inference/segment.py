@@ -1,0 +1,138 @@
+"""Reasoning segmentation: images + questions -> answer text and one mask per generated [SEG].
+
+`segment(model, params, tokenizer, images, prompts)`:
+  1. prompt = llava_v1("<image>\\n" + question) with an empty assistant turn (as the official
+     chat.py), "<image>" -> "<im_start><image><im_end>", expanded to N image placeholders;
+     prompts are left-padded to a length bucket;
+  2. CLIP and SAM's image encoder run once per image (jit);
+  3. jit-compiled KV-cache decoding (jaxlisa.inference.generate) collects, for every new token,
+     the final-normed hidden state that produced it, so a generated [SEG]'s embedding is read
+     as it goes (the official code re-runs the whole sequence at every step instead);
+  4. each [SEG] embedding -> text_hidden_fcs -> SAM mask decoder -> mask logits at the original
+     image size; pixels with logit > 0 are the mask.
+An answer without [SEG] gives no mask (`SegmentResult.masks` is empty) and says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlisa.data import conversation as conv_lib
+from jaxlisa.data import tokenization as tok_lib
+from jaxlisa.data.preprocess import clip_preprocess, sam_preprocess
+from jaxlisa.inference.generate import generate, left_pad
+from jaxlisa.models import sam as sam_lib
+from jaxlisa.models.lisa import Lisa
+from jaxlisa.models.llava import merge_image_features
+from jaxlisa.models.llm import DecoderLM
+
+
+class PromptTooLongError(ValueError):
+  """The prompt plus max_new_tokens does not fit the model's context."""
+
+
+@dataclasses.dataclass
+class SegmentResult:
+  text: str  # the generated answer (special tokens kept, as the official chat.py prints it)
+  masks: np.ndarray  # bool [n_seg, H, W], one per generated [SEG], original image size
+  mask_logits: np.ndarray  # float32 [n_seg, H, W]
+
+  @property
+  def has_seg(self) -> bool:
+    return len(self.masks) > 0
+
+
+def build_prompt(question: str, conv_type: str = "llava_v1", use_mm_start_end: bool = True) -> str:
+  conv = conv_lib.get_template(conv_type)
+  conv = conv.append(conv.roles[0], conv_lib.DEFAULT_IMAGE_TOKEN + "\n" + question).append(conv.roles[1], None)
+  return tok_lib.replace_image_tokens(conv.get_prompt(), use_mm_start_end)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _encode(model: Lisa, params, input_ids, clip_pixels, sam_pixels):
+  """input_ids [B, P] with placeholders; one image per prompt -> (inputs_embeds, SAM embeddings)."""
+  c = model.config
+  image_tokens, image_embeddings = model.apply({"params": params}, clip_pixels, sam_pixels,
+                                               method=Lisa.image_features)
+  image_mask = input_ids == c.llava.image_token_index
+  embeds = model.apply({"params": params}, input_ids, None, image_mask=image_mask,
+                       method=lambda m, *a, **k: m.llava.embed(*a, **k))
+  row_offset = jnp.arange(input_ids.shape[0]) * c.num_image_tokens
+  return merge_image_features(embeds, image_mask, image_tokens, row_offset), image_embeddings
+
+
+@functools.partial(jax.jit, static_argnames=("model", "out_hw"))
+def _masks(model: Lisa, params, hidden, image_embeddings, image_index, resize_hw, out_hw):
+  """hidden [P, D] ([SEG] states), image_index [P] -> mask logits [P, H, W] for one output size."""
+  def fn(m):
+    seg = m.text_hidden_fcs(hidden)
+    return m.decode_masks(seg, image_embeddings, image_index)
+  low = model.apply({"params": params}, method=fn)
+  return sam_lib.postprocess_masks_dynamic(low, resize_hw, jnp.asarray(out_hw), out_shape=out_hw,
+                                           padded_size=model.config.sam.img_size)
+
+
+def segment(model: Lisa, params, tokenizer, images: Sequence[np.ndarray], prompts: Sequence[str], *,
+            max_new_tokens: int = 64, conv_type: str = "llava_v1", use_mm_start_end: bool = True,
+            max_length: int | None = None, length_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
+            streamer=None) -> list[SegmentResult]:
+  """images: uint8 [H, W, 3] each (one per prompt); prompts: questions. See the module docstring."""
+  if len(images) != len(prompts):
+    raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+  c = model.config
+  n_img = c.num_image_tokens
+  rows = []
+  for q in prompts:
+    ids = tok_lib.tokenizer_image_token(build_prompt(q, conv_type, use_mm_start_end), tokenizer)
+    rows.append(tok_lib.expand_image_tokens(ids, None, n_img, c.llava.image_token_index).input_ids)
+  limit = max_length or c.llava.text.max_position_embeddings
+  longest = max(len(r) for r in rows)
+  if longest + max_new_tokens > limit:
+    raise PromptTooLongError(f"prompt of {longest} tokens (incl. {n_img} image tokens) + max_new_tokens "
+                             f"{max_new_tokens} exceeds the model context of {limit} tokens")
+  p = next((b for b in length_buckets if b >= longest), longest)
+  p = min(p, limit - max_new_tokens)
+  ids = np.zeros((len(rows), p), np.int32)
+  mask = np.zeros((len(rows), p), np.int32)
+  for b, r in enumerate(rows):
+    ids[b, :len(r)], mask[b, :len(r)] = r, 1
+  ids, mask = left_pad(ids, mask)
+  s = c.sam.img_size
+  clip = np.stack([clip_preprocess(im, c.llava.vision.image_size, c.llava.vision.image_size) for im in images])
+  sams, resizes = zip(*[sam_preprocess(im, s) for im in images])
+  embeds, image_embeddings = _encode(model, params, jnp.asarray(ids), jnp.asarray(clip), jnp.asarray(np.stack(sams)))
+  t = c.llava.text
+  eos = t.eos_token_id if isinstance(t.eos_token_id, tuple) else (t.eos_token_id,)
+  out = generate(DecoderLM(t), params["llava"]["language_model"], None, jnp.asarray(mask),
+                 inputs_embeds=embeds, max_new_tokens=max_new_tokens,
+                 stop_ids=tuple(e for e in eos if e is not None), pad_token_id=t.pad_token_id or 0,
+                 streamer=streamer, collect_hidden=True)
+  tokens, lengths, hidden = jax.device_get((out.tokens, out.lengths, out.last_hidden))
+  results = []
+  for b, im in enumerate(images):
+    new = tokens[b, :lengths[b]]
+    text = tokenizer.decode([int(x) for x in new], skip_special_tokens=False).replace("\n", "")
+    where = np.flatnonzero(new == c.seg_token_idx)
+    h, w = im.shape[:2]
+    if len(where) == 0:
+      results.append(SegmentResult(text, np.zeros((0, h, w), bool), np.zeros((0, h, w), np.float32)))
+      continue
+    logits = _masks(model, params, jnp.asarray(hidden[b, where]), image_embeddings,
+                    jnp.full((len(where),), b, jnp.int32),
+                    jnp.asarray(np.repeat(np.asarray(resizes[b])[None], len(where), 0)), (h, w))
+    logits = np.asarray(logits)
+    results.append(SegmentResult(text, logits > 0, logits))
+  return results
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color=(255, 0, 0)) -> np.ndarray:
+  """The official chat.py visualisation: masked pixels = 0.5 * image + 0.5 * color."""
+  out = image.astype(np.float32).copy()
+  out[mask] = 0.5 * out[mask] + 0.5 * np.asarray(color, np.float32)
+  return out.astype(np.uint8)

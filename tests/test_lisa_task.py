@@ -1,0 +1,125 @@
+"""LISA end to end through main.py (tiny config, synthetic data): train + validate + resume,
+segment mode (answers, masks, no-[SEG] message, bad inputs), and segment() vs the teacher-forced
+forward pass."""
+
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxlisa.inference import segment as seg_lib
+from jaxlisa.models import lisa as lisa_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "lisa_tiny.py") + ":runlocal"
+
+
+def _main(workdir, *args, timeout=900):
+  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config", CONFIG, "--workdir",
+                         str(workdir), *args], capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  wd = tmp_path_factory.mktemp("lisa_run")
+  out = _main(wd)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return wd, out.stdout
+
+
+def test_train_validates_and_checkpoints(trained):
+  wd, stdout = trained
+  assert "done: step 4/4" in stdout and "eval/giou" in stdout and "eval/ciou" in stdout
+  assert os.path.isdir(wd / "checkpoints") and os.path.isfile(wd / "metrics.jsonl")
+  assert os.path.isfile(wd / "tokenizer" / "tokenizer.json")
+
+
+def test_segment_mode_and_bad_inputs(trained, tmp_path):
+  wd, _ = trained
+  config_before = open(wd / "config.json").read()
+  img = sorted((wd / "data" / "reason_seg" / "ReasonSeg" / "val").glob("*.jpg"))[0]
+  out = _main(wd, "--config.mode=segment", f"--config.image={img}",
+              "--config.prompt=Please segment the circle in this image.", "--config.max_new_tokens=4")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "answer:" in out.stdout
+  assert ("no [SEG] in the answer" in out.stdout) or ("mask 0:" in out.stdout)
+  assert open(wd / "config.json").read() == config_before  # the run's config is not overwritten
+  bad = tmp_path / "corrupt.jpg"
+  bad.write_bytes(b"\xff\xd8\xff garbage")
+  out = _main(wd, "--config.mode=segment", f"--config.image={bad}", "--config.prompt=segment the circle")
+  assert out.returncode == 2 and "corrupt.jpg" in out.stderr
+  out = _main(wd, "--config.mode=segment", f"--config.image={img}", "--config.prompt=" + "circle " * 400)
+  assert out.returncode == 2 and "exceeds the model context" in out.stderr
+
+
+def test_resume_continues_from_latest(trained):
+  wd, _ = trained
+  out = _main(wd)
+  assert out.returncode == 0 and "nothing to do" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def forced_seg_model(tmp_path_factory):
+  """A tiny LISA whose LM always answers [SEG]: token embeddings and image features carry a large
+  positive first coordinate, layers add little, and lm_head reads that coordinate into [SEG]."""
+  from configs import lisa_tiny  # pylint: disable=import-outside-toplevel
+  from jaxlisa.data import synthetic_shapes  # pylint: disable=import-outside-toplevel
+  from jaxlisa.tasks.lisa import model_config_from  # pylint: disable=import-outside-toplevel
+  d = tmp_path_factory.mktemp("forced")
+  synthetic_shapes.write_dataset(str(d), num_train=4, num_val=2, image_size=64)
+  tok = synthetic_shapes.train_tokenizer(synthetic_shapes.read_corpus(str(d)), vocab_size=600)
+  cfg = model_config_from(lisa_tiny.get_config(), tok)
+  model = lisa_lib.Lisa(cfg)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), *lisa_lib.dummy_inputs(cfg))["params"])
+  params = jax.tree.map(np.array, params)
+  lm = params["llava"]["language_model"]
+  lm["embed_tokens"]["embedding"][:, 0] = 50.0
+  params["llava"]["multi_modal_projector"]["linear_1"]["bias"][0] = 50.0
+  for name in ("o_proj", "down_proj"):
+    sub = lm["layers"]["self_attn" if name == "o_proj" else "mlp"][name]
+    sub["kernel"] *= 0.05
+  lm["lm_head"]["kernel"][:] = 0.0
+  lm["lm_head"]["kernel"][0, cfg.seg_token_idx] = 10.0
+  img = np.asarray(Image.open(sorted((d / "reason_seg" / "ReasonSeg" / "val").glob("*.jpg"))[0]).convert("RGB"))
+  return model, params, tok, img
+
+
+def test_segment_masks_equal_teacher_forced_forward(forced_seg_model):
+  model, params, tok, img = forced_seg_model
+  img2 = np.ascontiguousarray(img[:48, :40])  # a second, non-square image of another size
+  res = seg_lib.segment(model, params, tok, [img, img2], ["Please segment the circle.", "Where is it?"],
+                        max_new_tokens=3, max_length=256)
+  c = model.config
+  for r, im, q in zip(res, [img, img2], ["Please segment the circle.", "Where is it?"]):
+    assert r.has_seg and r.masks.shape == (3,) + im.shape[:2] and r.text.count("[SEG]") == 3
+    # teacher-forced: prompt + the three generated [SEG] tokens through Lisa.__call__
+    from jaxlisa.data import tokenization as tok_lib  # pylint: disable=import-outside-toplevel
+    from jaxlisa.data.preprocess import clip_preprocess, sam_preprocess  # pylint: disable=import-outside-toplevel
+    ids = tok_lib.tokenizer_image_token(seg_lib.build_prompt(q), tok) + [c.seg_token_idx] * 3
+    ids = tok_lib.expand_image_tokens(ids, None, c.num_image_tokens, c.llava.image_token_index).input_ids
+    sam_px, resize = sam_preprocess(im, c.sam.img_size)
+    forced = lisa_lib.Lisa(c.replace(max_seg_per_conversation=3))
+    fwd = jax.jit(forced.apply, static_argnames=("mask_shape",))
+    out = fwd({"params": params}, jnp.asarray(ids)[None, None], jnp.ones((1, 1, len(ids)), jnp.int32),
+              jnp.asarray(clip_preprocess(im, c.llava.vision.image_size, c.llava.vision.image_size))[None],
+              jnp.asarray(sam_px)[None], jnp.asarray([resize]), jnp.asarray([im.shape[:2]]),
+              mask_shape=tuple(im.shape[:2]))
+    # the first [SEG]'s state comes from the prompt's last position; later ones from decode steps
+    np.testing.assert_allclose(r.mask_logits, np.asarray(out.pred_masks[0, 0]), atol=1e-4)
+
+
+def test_answer_without_seg_gives_no_mask(forced_seg_model):
+  model, params, tok, img = forced_seg_model
+  params = jax.tree.map(np.array, params)
+  params["llava"]["language_model"]["lm_head"]["kernel"][0, :] = 0.0
+  params["llava"]["language_model"]["lm_head"]["kernel"][0, 5] = 10.0  # always token 5
+  (r,) = seg_lib.segment(model, params, tok, [img], ["Please segment the circle."], max_new_tokens=2,
+                         max_length=256)
+  assert not r.has_seg and r.masks.shape == (0,) + img.shape[:2]
