@@ -269,7 +269,7 @@ def lavis_stage1(ret_pair, tmp_path_factory):
   c = fam.config_from_hf(None, src)
   # tiny widths: give the head counts (LAVIS files carry no config) and HF's ln eps of the reference
   over = {"vision": c.vision.replace(num_attention_heads=4, ln_vision_eps=1e-6),
-          "qformer": c.qformer.replace(num_attention_heads=4, bos_token_id=QV - 1)}
+          "qformer": c.qformer.replace(num_attention_heads=4, bos_token_id=QV - 1, sep_token_id=4)}
   conv = convert_checkpoint(path, config_overrides=over)
   return state, conv, B2.Blip2Qformer(conv.config), fam.name
 
@@ -359,6 +359,36 @@ def test_hard_negatives_follow_the_similarities(stage1_out):
     freq = np.stack([(draws == j).mean(0) for j in range(3)], 1)
     assert np.abs(freq - weights).max() < 0.03, (freq, weights)
     assert not (draws == np.arange(3)).any()
+
+
+def test_qformer_captions_decode_the_lm_head(lavis_stage1):
+  """LAVIS Blip2Qformer.generate: the greedy caption (nucleus sampling with top_p -> 0) equals argmax
+  decoding by full causal recomputation (no cache), [SEP] blocked below min_length; beam search keeps
+  [DEC] first and respects min_length."""
+  _, conv, module, _ = lavis_stage1
+  sep, dec = conv.config.qformer.sep_token_id, QV - 1
+  x, _ = _pixels(2, seed=6)
+  seqs, lengths = B2.qformer_captions(module, conv.params, x, use_nucleus_sampling=True, top_p=1e-6, max_length=7,
+                                      min_length=4)
+  seqs, lengths = np.asarray(seqs), np.asarray(lengths)
+  p = {"params": conv.params}
+  img = module.apply(p, x, method=B2.Blip2Qformer.image_embeds)
+  q = np.broadcast_to(np.asarray(conv.params["query_tokens"]), (2, NQ, 32))
+  all_logits = jax.jit(lambda ids: module.apply(p, ids, None, q, img, causal=True, method=lambda m, *a, **k: (
+      m.Qformer.logits(m.Qformer(*a, **k).last_hidden_state[:, NQ:]))))
+  ids = np.full((2, 7), 5)
+  ids[:, 0] = dec
+  for t in range(1, 7):  # recompute the whole (causal) sequence each step: no cache
+    logits = np.array(all_logits(jnp.asarray(ids)))[:, t - 1]
+    if t < 4:
+      logits[:, sep] = -np.inf
+    ids[:, t] = np.argmax(logits, -1)
+  for r in range(2):
+    n = int(lengths[r])
+    np.testing.assert_array_equal(seqs[r, :1 + n], ids[r, :1 + n])
+    assert n == 6 or seqs[r, n] == sep
+  beams, blen = B2.qformer_captions(module, conv.params, x, num_beams=2, max_length=7, min_length=4)
+  assert (np.asarray(beams)[:, 0] == dec).all() and (np.asarray(blen) + 1 >= 4).all()
 
 
 def test_extract_features_modes(lavis_stage1):

@@ -288,7 +288,8 @@ class Blip2Qformer(_Blip2Base):
     image_embeds_world = gather(image_embeds, axis_name, grad=True)
     if neg_image_idx is None or neg_text_idx is None:
       if rng is None:
-        logging.warning("Blip2Qformer: no rng for the ITM hard negatives; using PRNGKey(0)")
+        if not self.is_initializing():
+          logging.warning("Blip2Qformer: no rng for the ITM hard negatives; using PRNGKey(0)")
         rng = jax.random.PRNGKey(0)
       if axis_name is not None:
         rng = jax.random.fold_in(rng, rank)
@@ -374,6 +375,53 @@ def generate_captions(model: Blip2OPT, params, pixels, prompt_ids, prompt_mask, 
   pad = c.pad_token_id if pad_token_id is None else pad_token_id
   return gen_lib.generate(DecoderLM(c), params["opt_model"], None, mask, inputs_embeds=embeds,
                           max_new_tokens=max_new_tokens, stop_ids=stop, pad_token_id=pad or 0, **kw)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_beams", "max_length", "min_length", "repetition_penalty",
+                                             "use_nucleus_sampling", "top_p"))
+def qformer_captions(model: Blip2Qformer, params, pixels, *, num_beams: int = 3, max_length: int = 30,
+                     min_length: int = 10, repetition_penalty: float = 1.0, use_nucleus_sampling: bool = False,
+                     top_p: float = 0.9, rng: jax.Array | None = None):
+  """LAVIS `Blip2Qformer.generate`: captions from the Q-Former's own LM head. The text starts with
+  "[DEC]" after the query K/V of the image (queries-only pass, cached as `prefix_kv`); eos "[SEP]";
+  beam search (HF semantics, jaxlisa.models.blip.beam_search) or nucleus sampling (top_p, HF's
+  default top_k 50). max/min length count the [DEC] token. Returns (sequences [B, max_length] with
+  [DEC] first, lengths [B] generated tokens)."""
+  from jaxlisa.models import blip as blip_lib  # pylint: disable=import-outside-toplevel
+  qc = model.config.qformer
+  k = 1 if use_nucleus_sampling else num_beams
+  b = pixels.shape[0]
+  variables = {"params": params}
+
+  def query_kv(mdl, x):
+    return mdl.query_output(mdl.image_embeds(x)).query_kv
+
+  qkv = model.apply(variables, pixels, method=query_kv)
+  qkv = jax.tree.map(lambda x: jnp.repeat(x, k, axis=1), qkv)  # [L, B * K, Q, N, H]
+  shape = (qc.num_hidden_layers, b * k, max_length, qc.num_attention_heads, qc.head_dim)
+  cache = {"k": jnp.zeros(shape, jnp.dtype(qc.dtype)), "v": jnp.zeros(shape, jnp.dtype(qc.dtype))}
+  slots = jnp.ones((b * k, max_length), jnp.int32)
+
+  def text_step(mdl, tokens, prefix, cache, index):
+    out = mdl.Qformer(tokens, slots, prefix_kv=prefix, cache=cache, cache_index=index)
+    return mdl.Qformer.logits(out.last_hidden_state[:, -1:])[:, -1], out.cache
+
+  def step(state, tokens, index):
+    logits, new_cache = model.apply(variables, tokens, state["prefix"], state["cache"], index, method=text_step)
+    return logits, {"prefix": state["prefix"], "cache": new_cache}
+
+  prompt = jnp.full((b, 1), qc.bos_token_id, jnp.int32)
+  first, cache = model.apply(variables, jnp.repeat(prompt, k, axis=0), qkv, cache, 0, method=text_step)
+  state = {"prefix": qkv, "cache": cache}
+  if use_nucleus_sampling:
+    return blip_lib.sample(step, state, first, prompt, jax.random.PRNGKey(0) if rng is None else rng,
+                           max_length=max_length, min_length=min_length, eos_ids=(qc.sep_token_id,),
+                           pad_token_id=qc.pad_token_id, repetition_penalty=repetition_penalty, top_p=top_p)
+  fill = qc.pad_token_id if qc.pad_token_id else qc.sep_token_id  # HF: `pad_token_id or eos_token_id[0]`
+  res = blip_lib.beam_search(step, state, first, prompt, num_beams=k, max_length=max_length, min_length=min_length,
+                             eos_ids=(qc.sep_token_id,), fill_value=fill, repetition_penalty=repetition_penalty,
+                             state_batch_axis=1)
+  return res.sequences[:, 0], res.lengths[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_beams", "max_new_tokens", "min_new_tokens", "eos_ids",
