@@ -371,11 +371,13 @@ def test_qformer_captions_decode_the_lm_head(lavis_stage1):
   seqs, lengths = B2.qformer_captions(module, conv.params, x, use_nucleus_sampling=True, top_p=1e-6, max_length=7,
                                       min_length=4)
   seqs, lengths = np.asarray(seqs), np.asarray(lengths)
-  p = {"params": conv.params}
-  img = module.apply(p, x, method=B2.Blip2Qformer.image_embeds)
   q = np.broadcast_to(np.asarray(conv.params["query_tokens"]), (2, NQ, 32))
-  all_logits = jax.jit(lambda ids: module.apply(p, ids, None, q, img, causal=True, method=lambda m, *a, **k: (
-      m.Qformer.logits(m.Qformer(*a, **k).last_hidden_state[:, NQ:]))))
+
+  def joint(m, ids):  # queries + causal text in one pass (LAVIS's first generate step, for every step)
+    out = m.Qformer(ids, None, q, m.image_embeds(x), causal=True)
+    return m.Qformer.logits(out.last_hidden_state[:, NQ:])
+
+  all_logits = jax.jit(lambda ids: module.apply({"params": conv.params}, ids, method=joint))
   ids = np.full((2, 7), 5)
   ids[:, 0] = dec
   for t in range(1, 7):  # recompute the whole (causal) sequence each step: no cache
