@@ -21,7 +21,9 @@ Stage 1 losses (LAVIS `Blip2Qformer.forward`), summed:
 
 Stage 2 (OPT): opt_proj(Q-Former output) [B, Q, D_opt] is put in front of the text embeddings of a
 frozen OPT (jaxlisa DecoderLM, family opt); labels -100 on the query and prompt positions. Captions
-come from `generate_captions` (jaxlisa.inference.generate with inputs_embeds; "\n" is LAVIS's eos).
+come from `generate_captions` (greedy / sampling through jaxlisa.inference.generate with
+inputs_embeds; "\n" is LAVIS's eos) or `beam_captions` (HF beam search, LAVIS's default of 5 beams).
+Stage 1 captions with the Q-Former's own LM head: `qformer_captions` (LAVIS `Blip2Qformer.generate`).
 
 Parameter tree (names mirror LAVIS): visual_encoder/... (incl. ln_vision), Qformer/{bert,cls}/...,
 query_tokens [1, Q, D]; stage 1: vision_proj, text_proj, itm_head, temp []; stage 2: opt_proj,

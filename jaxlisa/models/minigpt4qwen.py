@@ -22,7 +22,6 @@ import functools
 import re
 from typing import Any, Sequence
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
