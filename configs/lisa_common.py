@@ -22,7 +22,9 @@ def lisa_config(text: dict, vision: dict, sam: dict, out_dim: int = 256) -> ml_c
                  vision_feature_select_strategy="default", image_token_index=-200, mm_use_im_start_end=True),
       sam=sam, seg_token_idx=-1, out_dim=out_dim, max_seg_per_conversation=1,
       ce_loss_weight=1.0, bce_loss_weight=2.0, dice_loss_weight=0.5))
-  config.init = ml_collections.ConfigDict(dict(pretrained="", clip=""))
+  config.init = ml_collections.ConfigDict(dict(
+      pretrained="", clip="",  # a LISA checkpoint (converted or official) and, for official ones, CLIP
+      compose=dict(llava="", clip="", sam="", tokenizer="")))  # or LISA from parts (train_ds.py's start)
   config.data = ml_collections.ConfigDict(dict(
       base_dir="", dataset="sem_seg||refer_seg||vqa||reason_seg", sample_rates="9,3,3,1",
       sem_seg_data="ade20k||cocostuff||pascal_part||paco_lvis||mapillary",

@@ -4,7 +4,11 @@ config.model      LisaConfig fields: llava {vision, text, projector_type, ...}, 
                   seg_token_idx (-1: from the tokenizer), out_dim, max_seg_per_conversation,
                   ce/bce/dice loss weights; text.vocab_size -1 = the tokenizer's size.
 config.init       pretrained: a converted jaxlisa LISA directory or an official LISA checkpoint
-                  ('' = train from scratch); clip: CLIP directory for official checkpoints.
+                  (clip: its CLIP directory; the architecture comes from the checkpoint, the
+                  numerics (dtypes, LoRA, remat) and loss weights from config.model); or compose
+                  {llava, clip, sam}: LISA assembled from a LLaVA/LLaMA checkpoint, a CLIP
+                  directory and an original SAM .pth, as the official train_ds.py starts
+                  ('' everywhere = train from scratch).
 config.data       base_dir ('' = the synthetic shapes dataset, written to workdir/data once),
                   synthetic {num_train, num_val, image_size, max_shapes, seed}, dataset /
                   sample_rates / *_data / explanatory / num_classes_per_sample (train_ds.py flags),
@@ -42,6 +46,26 @@ def model_config_from(config, tokenizer) -> LisaConfig:
   return LisaConfig.from_dict(d)
 
 
+# Fields of config.model that a pretrained checkpoint does not fix (numerics and training choices).
+_RUNTIME_TEXT = ("dtype", "param_dtype", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
+                 "remat_policy", "scan_layers", "attention_impl")
+_RUNTIME_TOWER = ("dtype", "param_dtype", "remat_policy", "attention_impl")
+_RUNTIME_TOP = ("max_seg_per_conversation", "ce_loss_weight", "bce_loss_weight", "dice_loss_weight")
+
+
+def with_runtime_fields(pretrained: LisaConfig, config) -> LisaConfig:
+  """A checkpoint's LisaConfig with config.model's numerics, LoRA and loss weights."""
+  m = config.model
+  pick = lambda src, names, have: {k: tuple(v) if isinstance(v, list) else v
+                                   for k, v in src.to_dict().items() if k in names and hasattr(have, k)}
+  llava = pretrained.llava
+  llava = llava.replace(text=llava.text.replace(**pick(m.llava.text, _RUNTIME_TEXT, llava.text)),
+                        vision=llava.vision.replace(**pick(m.llava.vision, _RUNTIME_TOWER, llava.vision)))
+  sam = pretrained.sam.replace(**pick(m.sam, _RUNTIME_TOWER, pretrained.sam))
+  top = {k: m[k] for k in _RUNTIME_TOP if k in m}
+  return pretrained.replace(llava=llava, sam=sam, **top)
+
+
 def collate_config(config, model_config: LisaConfig) -> lisa_collate.CollateConfig:
   c = dict(config.data.collate.to_dict())
   for k in ("seq_buckets", "mask_buckets", "conv_buckets"):
@@ -69,21 +93,42 @@ class Task(tasks.Task):
         logging.info("writing the synthetic shapes dataset to %s", self.base_dir)
         synthetic_shapes.write_dataset(self.base_dir, num_train=s.num_train, num_val=s.num_val,
                                        image_size=s.image_size, seed=s.seed, max_shapes=s.max_shapes)
-    self.tokenizer = self._tokenizer()
-    self.model_config = model_config_from(config, self.tokenizer)
+    self._pretrained = self._load_pretrained()
+    if self._pretrained is not None:
+      cfg, self._pretrained_params, self.tokenizer = self._pretrained
+      self.model_config = with_runtime_fields(cfg, config)
+    else:
+      self._pretrained_params = None
+      self.tokenizer = self._tokenizer()
+      self.model_config = model_config_from(config, self.tokenizer)
     self.model = Lisa(self.model_config)
     self.collate = collate_config(config, self.model_config)
+
+  def _load_pretrained(self):
+    """(LisaConfig, params, tokenizer) from init.pretrained or init.compose, else None."""
+    init = self.config.init
+    compose = init.get("compose", {})
+    if self.pretrained_dir:
+      from jaxlisa.conversion.lisa import load_lisa  # pylint: disable=import-outside-toplevel
+      pre = load_lisa(self.pretrained_dir, clip_src=init.clip or None)
+      if pre.tokenizer is None:
+        raise ValueError(f"{self.pretrained_dir} has no tokenizer files (tokenizer.json / tokenizer.model)")
+      return pre.config, pre.params, pre.tokenizer
+    if compose and compose.get("llava"):
+      from jaxlisa.conversion.lisa import compose_lisa  # pylint: disable=import-outside-toplevel
+      m = self.config.model
+      cfg, params, tok = compose_lisa(compose.llava, compose.clip or None, compose.sam,
+                                      compose.get("tokenizer") or compose.llava,
+                                      use_mm_start_end=m.llava.mm_use_im_start_end,
+                                      vision_select_layer=m.llava.vision_feature_layer,
+                                      max_seg_per_conversation=m.max_seg_per_conversation)
+      return cfg, params, tok
+    return None
 
   def _tokenizer(self):
     tok_dir = os.path.join(self.workdir, "tokenizer")
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
       return synthetic_shapes.load_tokenizer(tok_dir)
-    if self.pretrained_dir:
-      from jaxlisa.conversion.convert import load_tokenizer  # pylint: disable=import-outside-toplevel
-      tok = load_tokenizer(self.pretrained_dir)
-      if tok is None:
-        raise ValueError(f"{self.pretrained_dir} has no tokenizer files")
-      return tok
     tok = synthetic_shapes.train_tokenizer(synthetic_shapes.read_corpus(self.base_dir), tok_dir,
                                            vocab_size=self.config.data.synthetic.vocab_size,
                                            model_max_length=self.config.data.collate.model_max_length)
@@ -99,14 +144,7 @@ class Task(tasks.Task):
                            jnp.zeros((1, s.img_size, s.img_size, 3)))["params"]
 
   def pretrained(self):
-    if not self.pretrained_dir:
-      return None
-    from jaxlisa.conversion.convert import load_pretrained  # pylint: disable=import-outside-toplevel
-    kw = {"clip": self.config.init.clip} if self.config.init.clip else {}
-    pre = load_pretrained(self.pretrained_dir, with_tokenizer=False, **kw)
-    if pre.family != "lisa":
-      raise ValueError(f"{self.pretrained_dir} is a {pre.family} checkpoint, not LISA")
-    return pre.params
+    return self._pretrained_params
 
   def forward(self, params, batch, rng=None, train=False):
     out = self.model.apply(
