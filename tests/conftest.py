@@ -3,10 +3,14 @@ segment-anything, and small helpers shared by the parity tests."""
 
 import os
 import sys
+import tempfile
 import types
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent XLA compilation cache per test session, inherited by the main.py subprocesses, so
+# a program compiled once (e.g. the tiny LISA train step) is not compiled again by the next run.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlisa-xla-cache-"))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
