@@ -67,10 +67,19 @@ def default_workdir(spec: str) -> str:
 # Modes.
 
 class _ProgressBar:
-  """Trainer hooks drawing a tqdm bar (loss, lr, step time, ETA) and printing a run summary."""
+  """Trainer hooks drawing a tqdm bar (loss, lr, step time, ETA), printing a run summary and
+  writing every logged metric as TensorBoard scalars to workdir/tensorboard (tensorboardX; no
+  TensorFlow needed)."""
 
   def __init__(self, workdir: str):
-    self.workdir, self.bar = workdir, None
+    self.workdir, self.bar, self.tb = workdir, None, None
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def _scalars(self, step, metrics):
+    for k, v in metrics.items():
+      self.tb.add_scalar(k, float(v), int(step))
+    self.tb.flush()
 
   def on_start(self, step, total_steps, info):
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -83,10 +92,12 @@ class _ProgressBar:
     self.bar.update(step - self.bar.n)
 
   def on_log(self, step, metrics):
+    self._scalars(step, metrics)
     self.bar.set_postfix_str(f"loss={metrics['train/loss']:.4f} lr={metrics['train/lr']:.2e} "
                              f"step={metrics['train/step_time'] * 1e3:.0f}ms", refresh=False)
 
   def on_eval(self, step, metrics):
+    self._scalars(step, metrics)
     self.bar.write(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
   def on_checkpoint(self, step):
@@ -95,6 +106,7 @@ class _ProgressBar:
   def close(self):
     if self.bar is not None:
       self.bar.close()
+    self.tb.close()
 
 
 def run_train(config, workdir: str) -> None:

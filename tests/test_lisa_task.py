@@ -39,6 +39,7 @@ def test_train_validates_and_checkpoints(trained):
   assert "done: step 4/4" in stdout and "eval/giou" in stdout and "eval/ciou" in stdout
   assert os.path.isdir(wd / "checkpoints") and os.path.isfile(wd / "metrics.jsonl")
   assert os.path.isfile(wd / "tokenizer" / "tokenizer.json")
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd / "tensorboard"))
 
 
 def test_segment_mode_and_bad_inputs(trained, tmp_path):
