@@ -22,9 +22,9 @@ def get_config(arg=None):
              decoder_mlp_dim=128, decoder_num_heads=2, iou_head_hidden_dim=64)
   config = lisa_common.lisa_config(text, vision, sam, out_dim=64)
   config.trainable = (".*",)  # from scratch: everything learns
-  config.data.update(sample_rates="3,3,1,3", samples_per_epoch=100_000)
+  config.data.update(sample_rates="2,2,1,5", samples_per_epoch=100_000)  # reasoning-heavy: val is ReasonSeg-style
   config.data.collate.update(model_max_length=256)
-  config.total_steps = 1500
+  config.total_steps = 2000
   config.batch_size = 8
   config.optim.update(lr=1e-3, warmup_steps=100)
   config.log_every = 10
