@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models import attention as attn_lib
 from jaxlisa.models.layers import DenseGeneral, Embed, LayerNorm, activation, constrain, maybe_remat
 
@@ -35,7 +36,7 @@ BATCH_LEN_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(ConfigMixin):
   """Architecture + numerics of a CLIP vision tower. Field names follow HF `CLIPVisionConfig`."""
   hidden_size: int = 1024
   intermediate_size: int = 4096
@@ -72,19 +73,6 @@ class CLIPVisionConfig:
   def num_positions(self) -> int:
     return self.grid ** 2 + 1
 
-  def replace(self, **kw) -> "CLIPVisionConfig":
-    return dataclasses.replace(self, **kw)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "CLIPVisionConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown CLIPVisionConfig fields {unknown}")
-    return cls(**d)
 
 
 @flax.struct.dataclass

@@ -21,7 +21,6 @@ Inputs of another size get the position grid resized bicubically (LAVIS `interpo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models import attention as attn_lib
 from jaxlisa.models.clip import PatchConv, resize_pos_embed
 from jaxlisa.models.layers import DenseGeneral, LayerNorm, activation, constrain, maybe_remat
@@ -37,7 +37,7 @@ BATCH_LEN_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
 
 @dataclasses.dataclass(frozen=True)
-class EVAViTConfig:
+class EVAViTConfig(ConfigMixin):
   image_size: int = 224
   patch_size: int = 14
   num_channels: int = 3
@@ -70,19 +70,6 @@ class EVAViTConfig:
   def grid(self) -> int:
     return self.image_size // self.patch_size
 
-  def replace(self, **kw) -> "EVAViTConfig":
-    return dataclasses.replace(self, **kw)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "EVAViTConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown EVAViTConfig fields {unknown}")
-    return cls(**d)
 
 
 @flax.struct.dataclass

@@ -26,7 +26,6 @@ With a KV cache (`init_cache`), `attention_mask` covers the cache slots [B, S] a
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models import attention as attn_lib
 from jaxlisa.models.layers import DenseGeneral, Embed, LayerNorm, RMSNorm, activation, constrain, maybe_remat
 
@@ -42,7 +42,7 @@ BATCH_LEN_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(ConfigMixin):
   """Architecture + numerics of a decoder LM. Field names follow HF where one exists."""
   family: str = "llama"
   vocab_size: int = 32000
@@ -104,23 +104,6 @@ class DecoderConfig:
     """Width of the token embedding (OPT's word_embed_proj_dim)."""
     return self.word_embed_proj_dim or self.hidden_size
 
-  def replace(self, **kw) -> "DecoderConfig":
-    return dataclasses.replace(self, **kw)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "DecoderConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown DecoderConfig fields {unknown}")
-    d = dict(d)
-    for k in ("eos_token_id", "lora_targets"):
-      if isinstance(d.get(k), list):
-        d[k] = tuple(d[k])
-    return cls(**d)
 
 
 @flax.struct.dataclass

@@ -37,7 +37,6 @@ Parameters (names mirror LAVIS `Qformer.*`; layers are not scanned: cross-attent
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -45,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models import attention as attn_lib
 from jaxlisa.models.layers import DenseGeneral, Embed, LayerNorm, activation, constrain
 
@@ -53,7 +53,7 @@ IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass(frozen=True)
-class QFormerConfig:
+class QFormerConfig(ConfigMixin):
   """bert-base-uncased + BLIP-2 extras. Field names follow LAVIS / HF `Blip2QFormerConfig`."""
   vocab_size: int = 30523  # bert-base-uncased + "[DEC]" (LAVIS resizes the embeddings)
   hidden_size: int = 768
@@ -84,19 +84,6 @@ class QFormerConfig:
   def has_cross_attention(self, layer: int) -> bool:
     return layer % self.cross_attention_freq == 0
 
-  def replace(self, **kw) -> "QFormerConfig":
-    return dataclasses.replace(self, **kw)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "QFormerConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown QFormerConfig fields {unknown}")
-    return cls(**d)
 
 
 @flax.struct.dataclass

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models import attention as attn_lib
 from jaxlisa.models.layers import DenseGeneral, Embed, LayerNorm, activation, constrain, maybe_remat
 
@@ -45,7 +46,7 @@ NHWC_AXES = ("activation_batch", None, None, "activation_embed")
 
 # ----------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
-class SamConfig:
+class SamConfig(ConfigMixin):
   """SAM architecture and numerics. Names follow `segment_anything.build_sam` where one exists."""
   # image encoder (ImageEncoderViT)
   img_size: int = 1024
@@ -107,23 +108,6 @@ class SamConfig:
   def num_mask_tokens(self) -> int:
     return self.num_multimask_outputs + 1
 
-  def replace(self, **kw) -> "SamConfig":
-    return dataclasses.replace(self, **kw)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "SamConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown SamConfig fields {unknown}")
-    d = dict(d)
-    for k in ("global_attn_indexes", "pixel_mean", "pixel_std"):
-      if k in d and d[k] is not None:
-        d[k] = tuple(d[k])
-    return cls(**d)
 
 
 def vit_h(**kw) -> SamConfig:
