@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+from absl import logging
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -75,10 +76,28 @@ def use(mesh: Mesh, rules):
 def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   """Shardings for a tree from `jax.eval_shape(init)` whose leaves may be LogicallyPartitioned.
 
-  Boxed leaves get their logical names mapped through `rules`; plain leaves are replicated.
+  Boxed leaves get their logical names mapped through `rules`; plain leaves are replicated. A dim
+  whose size does not divide by its mesh axes is replicated instead (with a warning), e.g. a
+  vocabulary of 32003 over tensor=2 or a 1-channel conv over tensor=2.
   """
   specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  return jax.tree.map(lambda s, a: divisible_sharding(s, tuple(a.shape)), shardings, nn.meta.unbox(abstract_tree),
+                      is_leaf=lambda x: isinstance(x, NamedSharding))
+
+
+def divisible_sharding(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+  """`sharding` with the mesh axes of every dim they do not divide dropped (that dim replicated)."""
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  changed = False
+  for i, axes in enumerate(spec[:len(shape)]):
+    if axes is None:
+      continue
+    n = math.prod(sharding.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+    if shape[i] % n:
+      logging.warning("dim %d of a %s parameter does not divide by mesh axes %s (%d): replicated", i, shape, axes, n)
+      spec[i], changed = None, True
+  return NamedSharding(sharding.mesh, P(*spec[:len(sharding.spec)])) if changed else sharding
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

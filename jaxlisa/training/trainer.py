@@ -85,10 +85,11 @@ def _every(step: int, every: int) -> bool:
 class Trainer:
   """Owns the mesh, the task, the optimizer, the shardings and the jitted init/train/eval."""
 
-  def __init__(self, config, workdir: str, task: tasks.Task | None = None):
+  def __init__(self, config, workdir: str, task: tasks.Task | None = None, devices=None):
+    """devices: the mesh's devices (default jax.devices()); e.g. an AOT topology's (tools/plan.py)."""
     self.config, self.workdir = config, workdir
     os.makedirs(workdir, exist_ok=True)
-    self.mesh = parallel.make_mesh(config.mesh.to_dict())
+    self.mesh = parallel.make_mesh(config.mesh.to_dict(), devices)
     self.rules = parallel.axis_rules(config.logical_axis_rules)
     self.task = task or tasks.get_task(config, workdir)
     self.tx, self.schedule = optim_lib.make_optimizer(config)
