@@ -266,7 +266,20 @@ class Trainer:
       result["seconds"] = time.time() - t_start
       return result
     batch = self.device_batch(next(data))
-    step_fn = self._compile(state, batch)
+    executables = {}  # one AOT-compiled step per batch shape (sequence / mask buckets)
+
+    def executable(state, batch):
+      key = tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch))
+      if key not in executables:
+        if executables:
+          logging.info("compiling the train step for a new batch shape (%d so far)", len(executables))
+        executables[key] = self._compile(state, batch)
+      return executables[key]
+
+    def step_fn(state, batch):
+      return executable(state, batch)(state, batch)
+
+    executable(state, batch)  # compile before the summary, which reports compile time and memory
     info = self.describe()
     logging.info("training %s", "; ".join(f"{k}: {v}" for k, v in info.items()))
     hooks.on_start(start, c.total_steps, info)
