@@ -138,6 +138,7 @@ def setup_platform(args) -> None:
     if args.libtpu:
       sys.path.insert(0, os.path.expanduser(args.libtpu))
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server to ask
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chips to guard: plans may run side by side
     return
   n = args.devices
   if "jax" in sys.modules:
@@ -155,7 +156,9 @@ def get_devices(args):
     return jax.devices()
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   try:
-    return topologies.get_topology_desc(topology_name=args.topology, platform="tpu").devices
+    # v4 and v5p chips hold two TensorCores that run as one device (megacore), as on a real slice
+    kw = {"chip_config_name": "megacore"} if args.topology.split(":")[0] in ("v4", "v5p") else {}
+    return topologies.get_topology_desc(topology_name=args.topology, platform="tpu", **kw).devices
   except Exception as e:  # pylint: disable=broad-except
     raise SystemExit(f"cannot get TPU topology {args.topology!r} ({type(e).__name__}: {e}); --platform tpu "
                      "needs libtpu (see --help: --libtpu)") from None
@@ -320,7 +323,7 @@ def plan(config, per_device_batch: int = 1, *, grad_accum: int = 1, seq: int | N
   config.grad_accum = grad_accum
   config.batch_size = per_device_batch * shards * grad_accum
   workdir = tempfile.mkdtemp(prefix="jaxlisa_plan_")
-  seconds = {}
+  seconds, oom = {}, None
   try:
     t0 = time.time()
     task = shape_only_task(config, workdir, vocab_size)
@@ -347,12 +350,19 @@ def plan(config, per_device_batch: int = 1, *, grad_accum: int = 1, seq: int | N
         lowered = traced.lower()
         seconds["lower"] = time.time() - t0
         t0 = time.time()
-        compiled = lowered.compile()
+        try:
+          compiled = lowered.compile()
+        except Exception as e:  # pylint: disable=broad-except
+          # the TPU compiler refuses a program that cannot fit HBM: that plan does not fit
+          if not any(m in str(e) for m in ("RESOURCE_EXHAUSTED", "Ran out of memory", "out of memory")):
+            raise
+          compiled, oom = None, " ".join(str(e).split())[:400]
         seconds["compile"] = time.time() - t0
-        mem = compiled.memory_analysis()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        xla_flops = float((cost or {}).get("flops", 0.0))
+        if compiled is not None:
+          mem = compiled.memory_analysis()
+          cost = compiled.cost_analysis()
+          cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+          xla_flops = float((cost or {}).get("flops", 0.0))
     trainer.close()
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
@@ -363,7 +373,7 @@ def plan(config, per_device_batch: int = 1, *, grad_accum: int = 1, seq: int | N
   opt_b = tree_bytes_per_device(abstract.opt_state, sh.opt_state)
   batch_b = sum(math.prod(trainer.batch_sharding.shard_shape(shape)) * np.dtype(dt).itemsize
                 for shape, dt in shapes.values())
-  mem_b = {}
+  mem_b = {"peak": math.inf} if oom else {}
   if mem is not None:
     # MaxText's total: arguments + outputs - aliased (donated) + temporaries. The CPU backend's own
     # peak_memory_in_bytes leaves temporaries out (it reads below temp_size) and TPU has none.
@@ -382,7 +392,7 @@ def plan(config, per_device_batch: int = 1, *, grad_accum: int = 1, seq: int | N
       "params": trainer.num_params, "trained_params": trainer.num_trainable,
       "bytes": {"trained_params": trained_b, "frozen_params": frozen_b, "params": trained_b + frozen_b,
                 "opt_state": opt_b, "batch": batch_b, **mem_b},
-      "flops": flops, "xla_flops": xla_flops,
+      "flops": flops, "xla_flops": xla_flops, "compile_error": oom,
       "seconds": {k: round(v, 2) for k, v in seconds.items()},
   }
 
@@ -410,7 +420,9 @@ def report(r: dict, args) -> str:
       f"    optimizer state {_gib(b['opt_state'])}",
       f"    batch           {_gib(b['batch'])}",
   ]
-  if "peak" in b:
+  if r.get("compile_error"):
+    lines.append(f"    peak            does not fit: the compiler ran out of memory ({r['compile_error'][:300]})")
+  elif "peak" in b:
     lines += [
         f"    temporaries     {_gib(b['temp'])}  (activations, gradients, gathered weights, workspace)",
         f"    peak            {_gib(b['peak'])}  (arguments + outputs - donated + temporaries)",
@@ -418,7 +430,7 @@ def report(r: dict, args) -> str:
   xla = f"; XLA cost_analysis {r['xla_flops']:.4g}, scan bodies once" if r.get("xla_flops") else ""
   lines.append(f"  FLOPs per step per device: {r['flops']:.4g} (matmuls + convs incl. remat recompute{xla})")
   lines.append("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in s.items()))
-  if args.hbm_gib and "peak" in b:
+  if args.hbm_gib and "peak" in b and not r.get("compile_error"):
     budget = args.hbm_gib * GiB * args.usable
     verdict = "FITS" if b["peak"] <= budget else "DOES NOT FIT"
     lines.append(f"  {verdict} in {args.hbm_gib:g} GiB x {args.usable:g} usable = {budget / GiB:.2f} GiB "
