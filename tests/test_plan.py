@@ -109,3 +109,42 @@ def test_arguments():
   from jaxlisa.config import ConfigError  # pylint: disable=import-outside-toplevel
   with pytest.raises(ConfigError, match="num_hidden_layers"):
     plan.load(plan.parse_args(["--config", TINY, "--devices", "8"])[0], [("model.llava.text.num_layers", "3")])
+
+
+def _result_dict(**over):
+  r = {"config": "lisa_7b.py", "platform": "tpu", "device_kind": "TPU v4", "devices": 4,
+       "mesh": {"data": 1, "fsdp": 4, "tensor": 1}, "per_device_batch": 9, "grad_accum": 1, "global_batch": 36,
+       "convs": 3, "seq": 512, "mask_size": 1024, "remat": "full", "llm_layers": 32, "params": 7, "trained_params": 1,
+       "bytes": {"trained_params": 1, "frozen_params": 2, "params": 3, "opt_state": 2, "batch": 1, "peak": float("inf")},
+       "flops": 1e15, "xla_flops": None, "seconds": {"compile": 1.0},
+       "compile_error": "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm"}
+  r.update(over)
+  return r
+
+
+def test_compile_out_of_memory_reads_does_not_fit():
+  args = plan.parse_args(["--target", "v4-8"])[0]
+  r = _result_dict()
+  text = plan.report(r, args)
+  assert "does not fit: the compiler ran out of memory" in text and "FITS" not in text
+  assert not plan.fits(r, args)
+  assert json.loads(json.dumps(r))["bytes"]["peak"] == float("inf")  # PLAN lines stay readable
+  # the search treats it as any plan above the budget
+  best, _ = plan.search(lambda n: _result_dict(bytes={"peak": 10.0 * n if n < 4 else float("inf")}), 1, 64,
+                        lambda x: x["bytes"]["peak"], 35.0)
+  assert best == 3
+
+
+def test_tpu_topologies_megacore(monkeypatch):
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  seen = []
+
+  def fake(topology_name, platform, **kw):
+    seen.append((topology_name, platform, kw))
+    return type("Topology", (), {"devices": ["d"] * 4})()
+
+  monkeypatch.setattr(topologies, "get_topology_desc", fake)
+  for target in ("v4-8", "v5p-8", "v5e-16"):
+    plan.get_devices(plan.parse_args(["--target", target, "--platform", "tpu"])[0])
+  assert seen == [("v4:2x2x1", "tpu", {"chip_config_name": "megacore"}),
+                  ("v5p:2x2x1", "tpu", {"chip_config_name": "megacore"}), ("v5e:4x4", "tpu", {})]

@@ -16,10 +16,18 @@ donated state) is lowered on `ShapeDtypeStruct`s that carry those shardings and 
 
 Devices: `--platform cpu` (default) fakes `--devices` CPU devices with XLA_FLAGS (set before jax is
 imported) and compiles with XLA's CPU compiler, a proxy. `--platform tpu` compiles with the TPU
-compiler for a TPU topology (`--topology v5e:4x4`, or the --target's) with no TPU attached; it needs
-libtpu, the version jax pins (jax 0.10.2: libtpu 0.0.42.*). Keep libtpu out of the project's venv
-(its import makes jax look for TPUs): `pip install --no-deps --target ~/.cache/libtpu
-'libtpu==0.0.42.*'` and pass `--libtpu ~/.cache/libtpu` (or set JAXLISA_LIBTPU).
+compiler for a TPU topology (`--topology v5e:4x4`, or the --target's; v4 and v5p as megacore chips,
+one device per chip as on a real slice) on this machine, with no TPU attached. It needs libtpu: the
+PyPI package `libtpu` at the version jax's `tpu` extra pins (jax 0.10.2: `libtpu==0.0.42.*`, i.e.
+0.0.42.1, a ~200 MB manylinux x86_64 wheel for CPython >= 3.11). Keep it out of the project's venv
+(installed there, jax looks for TPUs at start):
+
+  pip install --no-deps --target ~/.cache/libtpu 'libtpu==0.0.42.*'
+  python tools/plan.py --platform tpu --libtpu ~/.cache/libtpu --target v5e-16 --per_device_batch 3
+
+(or set JAXLISA_LIBTPU=~/.cache/libtpu). libtpu prints warnings about TPU_ACCELERATOR_TYPE and
+TPU_WORKER_HOSTNAMES at start: harmless here. A TPU compile of the 7B train step takes 8-16 min on
+a 2-core machine; a plan that cannot fit HBM fails to compile and is reported as "does not fit".
 
 Batch: `--per_device_batch` images per device per microbatch; the global batch is that times
 data * fsdp * grad_accum. Each image carries `--convs` conversations (default
@@ -73,8 +81,12 @@ GiB = 2.0 ** 30
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="TPU compiler without a TPU (--platform tpu) needs the PyPI package libtpu at the version jax pins:\n"
+             "  pip install --no-deps --target ~/.cache/libtpu 'libtpu==0.0.42.*'   # jax 0.10.2; ~200 MB wheel\n"
+             "  python tools/plan.py --platform tpu --libtpu ~/.cache/libtpu --target v5e-16 --per_device_batch 3\n"
+             "Keep it out of the project's venv (there jax would look for TPUs). Details: the docstring of this file.")
   p.add_argument("--config", default=os.path.join(ROOT, "configs", "lisa_7b.py"),
                  help="config file, 'path.py' or 'path.py:arg'")
   p.add_argument("--target", choices=sorted(TARGETS), help="sets --devices, --hbm_gib, --peak_tflops, a "
@@ -83,7 +95,8 @@ def parse_args(argv):
                  help="compiler: cpu (fake CPU devices, a proxy) or tpu (libtpu, --topology)")
   p.add_argument("--topology", help="TPU topology for --platform tpu, e.g. v5e:4x4, v4:2x2x1, v5p:2x2x1")
   p.add_argument("--libtpu", default=os.environ.get("JAXLISA_LIBTPU", ""),
-                 help="directory holding the libtpu package (pip install --target DIR)")
+                 help="directory holding the libtpu package: pip install --no-deps --target DIR "
+                 "'libtpu==0.0.42.*' (the version jax 0.10.2 pins; default $JAXLISA_LIBTPU)")
   p.add_argument("--devices", type=int, help="number of (fake) devices (cpu)")
   p.add_argument("--mesh", help="e.g. 'fsdp=16' or 'data=2,fsdp=4,tensor=2' (axes not named are 1); "
                  "default: config.mesh")
