@@ -261,15 +261,21 @@ class LlavaProjector(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """x [..., mm_hidden] -> [..., D]."""
+    """x [..., mm_hidden] -> [..., D].
+
+    The features of the input and of every layer's output stay whole on each device (batch
+    sharded only): with them on `tensor`, XLA's SPMD partitioner (CPU, jax 0.10.2) mis-partitions
+    this small row-parallel matmul on data x fsdp x tensor meshes, swapping batch shards."""
     c = self.config
     kw = dict(dtype=jnp.dtype(c.text.dtype), param_dtype=jnp.dtype(c.text.param_dtype),
               use_bias=c.projector_bias)
+    whole = ("activation_batch",) + ("activation_length",) * (x.ndim - 2) + (None,)
+    x = constrain(x, whole)
     for k in range(c.projector_depth):
       if k:
         x = activation(c.projector_hidden_act)(x)
-      x = DenseGeneral(c.text.hidden_size, kernel_axes=("mlp", "embed"),
-                       name=f"linear_{k + 1}", **kw)(x)
+      x = constrain(DenseGeneral(c.text.hidden_size, kernel_axes=("mlp", "embed"),
+                                 name=f"linear_{k + 1}", **kw)(x), whole)
     return x
 
 
