@@ -110,9 +110,10 @@ class _ProgressBar:
 
 
 def run_train(config, workdir: str) -> None:
-  from jaxlisa.training.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  from jaxlisa import parallel  # pylint: disable=import-outside-toplevel
+  from jaxlisa.training.trainer import Hooks, Trainer  # pylint: disable=import-outside-toplevel
   trainer = Trainer(config, workdir)
-  bar = _ProgressBar(workdir)
+  bar = _ProgressBar(workdir) if parallel.is_primary() else Hooks()  # one progress bar / event file per run
   try:
     result = trainer.fit(bar)
   finally:
@@ -223,7 +224,10 @@ def main(argv):
   if mode not in MODES:
     raise app.UsageError(f"unknown config.mode {mode!r}; known: {', '.join(MODES)}")
   workdir = _WORKDIR.value or default_workdir(_config_spec(sys.argv))
-  if mode == "train":  # other modes read a run's workdir and leave its config.json as it is
+  from jaxlisa.parallel import distributed  # pylint: disable=import-outside-toplevel
+  distributed.initialize(config.get("distributed"))  # multi-host: before any JAX computation
+  # process 0 writes config.json; other modes read a run's workdir and leave its config.json as it is
+  if mode == "train" and distributed.is_primary():
     previous = cfg_lib.read_config(workdir)
     if previous is not None:
       changed = cfg_lib.diff(previous, cfg_lib.to_dict(config))

@@ -51,21 +51,29 @@ class Hooks:
   def on_checkpoint(self, step: int) -> None:
     pass
 
+  def close(self) -> None:
+    pass
+
 
 class MetricWriter:
-  """Append-only workdir/metrics.jsonl: {"step": s, "train/loss": ..., ...} per line."""
+  """Append-only workdir/metrics.jsonl: {"step": s, "train/loss": ..., ...} per line (process 0
+  writes; the others' calls do nothing)."""
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def truncate(self, step: int) -> None:
     """Drop rows after `step` (logged by a run that died before its next checkpoint)."""
+    if not parallel.is_primary():
+      return
     rows = read_metrics(os.path.dirname(self.path))
     if any(r["step"] > step for r in rows):
       with open(self.path, "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not parallel.is_primary():
+      return
     with open(self.path, "a") as fh:
       fh.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
 
@@ -159,9 +167,9 @@ class Trainer:
   # Host side.
 
   def device_batch(self, batch: dict) -> dict:
-    """Host numpy batch (this process's rows) -> global arrays sharded over (data, fsdp)."""
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(x)),
-                        batch)
+    """Host numpy batch (this process's rows, or on several processes the whole global batch of
+    config.batch_size rows) -> global arrays sharded over (data, fsdp)."""
+    return parallel.distributed.global_batch(batch, self.batch_sharding, int(self.config.batch_size))
 
   def load_params(self, state: TrainState, params: dict) -> TrainState:
     """Place a (partial) nested dict of host arrays over the state's params, in their dtypes and

@@ -1,0 +1,85 @@
+"""Multi-host plumbing with fake process values: when jax.distributed.initialize is called and with
+what, process 0 alone writing metrics, and host batches (a process's share or the whole global
+batch) becoming the same global array."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxlisa import parallel
+from jaxlisa.parallel import distributed
+from jaxlisa.training import trainer as trainer_lib
+
+
+@pytest.mark.parametrize("value, env, want", [
+    (None, {}, "auto"), ("", {"JAXLISA_DISTRIBUTED": "1"}, "on"), (None, {"JAXLISA_DISTRIBUTED": "off"}, "off"),
+    (True, {"JAXLISA_DISTRIBUTED": "off"}, "on"), (False, {}, "off"), ("auto", {}, "auto"), ("ON", {}, "on")])
+def test_resolve_mode(value, env, want):
+  assert distributed.resolve_mode(value, env) == want
+
+
+def test_resolve_mode_rejects_unknown():
+  with pytest.raises(ValueError, match="distributed mode"):
+    distributed.resolve_mode("sometimes", {})
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, None), ({"SLURM_NTASKS": "1"}, None), ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "JAX_COORDINATOR_ADDRESS"),
+    ({"SLURM_NTASKS": "4"}, "SLURM_NTASKS"), ({"OMPI_COMM_WORLD_SIZE": "2"}, "OMPI_COMM_WORLD_SIZE"),
+    ({"TPU_WORKER_HOSTNAMES": "w0,w1"}, "TPU_WORKER_HOSTNAMES"),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "w0"}, "MEGASCALE_COORDINATOR_ADDRESS")])
+def test_multi_process_env(env, want):
+  assert distributed.multi_process_env(env) == want
+
+
+@pytest.mark.parametrize("mode, env, kwargs", [
+    (None, {}, None),  # auto, one process: no call
+    ("off", {"JAX_COORDINATOR_ADDRESS": "h:1"}, None),
+    (None, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+     {"num_processes": 2, "process_id": 1}),
+    ("on", {}, {}),  # everything auto-detected (Cloud TPU, SLURM, Open MPI)
+    (None, {"JAXLISA_DISTRIBUTED": "on", "JAX_PROCESS_ID": "0"}, {"process_id": 0})])
+def test_initialize_calls_jax_distributed_when_asked(monkeypatch, mode, env, kwargs):
+  monkeypatch.setattr(distributed, "_initialized", False)
+  calls = []
+  assert distributed.initialize(mode, env, init_fn=lambda **kw: calls.append(kw)) == (kwargs is not None)
+  assert calls == ([] if kwargs is None else [kwargs])
+  if kwargs is not None:  # once per process
+    assert not distributed.initialize(mode, env, init_fn=lambda **kw: calls.append(kw))
+    assert len(calls) == 1
+
+
+def test_only_process_0_writes_metrics(tmp_path, monkeypatch):
+  w = trainer_lib.MetricWriter(str(tmp_path))
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  assert not parallel.is_primary()
+  w.write(1, {"train/loss": 1.0})
+  assert not (tmp_path / "metrics.jsonl").exists()
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  w.write(1, {"train/loss": 1.0})
+  w.write(2, {"train/loss": 0.5})
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  w.truncate(1)  # a non-primary process leaves the file alone
+  assert [r["step"] for r in trainer_lib.read_metrics(str(tmp_path))] == [1, 2]
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  w.truncate(1)
+  assert [r["step"] for r in trainer_lib.read_metrics(str(tmp_path))] == [1]
+
+
+def test_global_batch(monkeypatch):
+  mesh = parallel.make_mesh({"data": -1})
+  sharding = NamedSharding(mesh, P(parallel.BATCH_AXES))
+  batch = {"x": np.arange(8 * 3).reshape(8, 3), "y": np.arange(8)}
+  out = distributed.global_batch(batch, sharding, 8)  # one process: its share is the global batch
+  np.testing.assert_array_equal(np.asarray(out["x"]), batch["x"])
+  assert out["x"].sharding == sharding
+  # two processes (faked): 8 rows = the whole global batch (each device takes its rows from it);
+  # 4 rows = this process's share (global shape inferred by jax)
+  seen = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "make_array_from_process_local_data", lambda s, x, shape=None: seen.append(shape))
+  distributed.global_batch(batch, sharding, 8)
+  distributed.global_batch({"x": batch["x"][:4]}, sharding, 8)
+  assert seen == [(8, 3), (8,), None]
