@@ -65,11 +65,16 @@ class Task:
     return {}
 
 
+# Task names whose module has another name (jaxlisa/tasks/<module>.py).
+MODULES = {"blip2_stage1": "blip2"}
+
+
 def get_task(config, workdir: str) -> Task:
+  name = MODULES.get(config.task, config.task)
   try:
-    module = importlib.import_module(f"jaxlisa.tasks.{config.task}")
+    module = importlib.import_module(f"jaxlisa.tasks.{name}")
   except ModuleNotFoundError as e:
-    if e.name != f"jaxlisa.tasks.{config.task}":
+    if e.name != f"jaxlisa.tasks.{name}":
       raise
-    raise ValueError(f"unknown task {config.task!r}: no module jaxlisa/tasks/{config.task}.py") from None
+    raise ValueError(f"unknown task {config.task!r}: no module jaxlisa/tasks/{name}.py") from None
   return module.Task(config, workdir)

@@ -1,0 +1,38 @@
+"""A tiny BLIP-2 stage 1 (ITC + ITM + ITG) trained from scratch on captions of the synthetic shapes.
+
+Every part is trainable (nothing is pretrained, so the ViT is not frozen). Runs on a 2-core CPU.
+
+  python main.py --config configs/blip2_tiny.py --workdir workdir/blip2_tiny
+  python main.py --config configs/blip2_tiny.py:runlocal --workdir /tmp/blip2   # smoke run (CI)
+"""
+
+from configs import blip2_common
+from jaxlisa.config import parse_arg
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, runlocal=False)
+  vision = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_dim=128,
+                layer_norm_eps=1e-6, ln_vision_eps=1e-5)
+  qformer = blip2_common.bert_base_qformer(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=128, max_position_embeddings=32, cross_attention_freq=1,
+                                           num_query_tokens=8, hidden_dropout_prob=0.0)
+  config = blip2_common.stage1_config(vision, qformer, embed_dim=32, max_txt_len=24)
+  config.frozen = ()  # from scratch: everything learns
+  config.total_steps = 1000
+  config.batch_size = 32
+  config.optim.update(lr=1e-3, min_lr=1e-5, warmup_steps=100, weight_decay=0.05)
+  config.log_every = 25
+  config.eval_every = 250
+  config.ckpt_every = 500
+  if arg.runlocal:
+    config.data.synthetic.update(num_train=64, num_val=16)
+    config.model.vision.num_hidden_layers = 1
+    config.model.qformer.num_hidden_layers = 1
+    config.total_steps = 30
+    config.batch_size = 8
+    config.log_every = 1
+    config.eval_every = 15
+    config.ckpt_every = 15
+    config.optim.warmup_steps = 2
+  return config

@@ -1,0 +1,182 @@
+"""MiniGPT4-Qwen instruction tuning: EVA ViT + Q-Former -> llm_proj -> Qwen, ChatML next-token loss on
+the assistant turns (jaxlisa.models.minigpt4qwen.preprocess target masking).
+
+config.model      MiniGPT4QwenConfig fields: vision, qformer, llm {DecoderConfig}, image_token_id,
+                  max_txt_len, freeze_vit / unfreeze_pos_embed / freeze_qformer / freeze_queries /
+                  freeze_proj / freeze_llm. llm.vocab_size -1 = the tokenizer's size;
+                  image_token_id -1 = the id of "<|extra_0|>"; llm pad / eos = the tokenizer's pad
+                  ("<|endoftext|>"); qformer.encoder_hidden_size -1 = vision.hidden_size.
+config.trainable  () = the freeze switches decide (minus config.frozen); regexes = those instead.
+config.init       pretrained: a whole MiniGPT4-Qwen checkpoint (.pth / converted directory);
+                  vision: an EVA ViT checkpoint; qformer: a BLIP-2 stage-1 checkpoint (its ViT,
+                  Q-Former and queries; text parts left out, as LAVIS's load_from_pretrained);
+                  llm: a Qwen / Qwen2 checkpoint; tokenizer: a Qwen chat tokenizer directory
+                  ('' everywhere = from scratch with a byte-level BPE ChatML tokenizer trained on the
+                  data's texts).
+config.data       as the blip2_stage1 task, with MiniGPT4-Qwen InstructionDataset annotations
+                  (train_ann / val_ann: [{"image", "instruction", "output"}], one image per row).
+Validation: loss and next-token accuracy over the supervised (assistant) tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxlisa import tasks
+from jaxlisa.data import image_text, synthetic_captions
+from jaxlisa.models import minigpt4qwen as m4q
+from jaxlisa.models.qformer import IGNORE_INDEX
+from jaxlisa.registry import ImageEvalProcessor
+from jaxlisa.tasks.blip2 import convert_part, convert_whole, corpus_texts, data_dir, fit_to
+from jaxlisa.training import optimizer as optim_lib
+
+
+def model_config_from(config, tokenizer) -> m4q.MiniGPT4QwenConfig:
+  d = config.model.to_dict()
+  vision, q, llm = dict(d["vision"]), dict(d["qformer"]), dict(d["llm"])
+  if llm.get("vocab_size", -1) == -1:
+    llm["vocab_size"] = len(tokenizer)
+  if len(tokenizer) > llm["vocab_size"]:
+    raise ValueError(f"tokenizer has {len(tokenizer)} tokens > llm.vocab_size {llm['vocab_size']}")
+  llm.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id, bos_token_id=None)
+  if q.get("encoder_hidden_size", -1) == -1:
+    q["encoder_hidden_size"] = vision["hidden_size"]
+  if q.get("vocab_size", -1) == -1:
+    q["vocab_size"] = 1  # no text parts (use_text=False): unused
+  if d.get("image_token_id", -1) == -1:
+    d["image_token_id"] = int(tokenizer.convert_tokens_to_ids(m4q.IMAGE_TOKEN))
+  return m4q.MiniGPT4QwenConfig.from_dict({**d, "vision": vision, "qformer": q, "llm": llm})
+
+
+def stage1_parts(path: str, c: m4q.MiniGPT4QwenConfig) -> dict:
+  """visual_encoder, Qformer and query_tokens of a BLIP-2 stage-1 checkpoint (LAVIS .pth or a
+  converted directory), read with this model's vision / Q-Former architecture (a .pth has no
+  config) and the checkpoint's own text vocabulary; the text parts come along (fit_to drops them)."""
+  from jaxlisa.conversion import convert as convert_lib  # pylint: disable=import-outside-toplevel
+  from jaxlisa.conversion import registry  # pylint: disable=import-outside-toplevel
+  from jaxlisa.conversion.checkpoint_io import open_checkpoint  # pylint: disable=import-outside-toplevel
+  if convert_lib.is_converted(path):
+    params = convert_lib.load_params(path)
+  else:
+    found = registry.get_family("blip2_lavis").config_from_hf(None, open_checkpoint(path))
+    q = c.qformer.replace(use_text=True, lm_head=True, vocab_size=found.qformer.vocab_size,
+                          max_position_embeddings=found.qformer.max_position_embeddings)
+    params = convert_lib.convert_checkpoint(path, family="blip2_lavis",
+                                            config_overrides={"vision": c.vision, "qformer": q}).params
+  return {k: params[k] for k in ("visual_encoder", "Qformer", "query_tokens") if k in params}
+
+
+class Task(tasks.Task):
+  """MiniGPT4-Qwen: next-token loss on the assistant turns of image conversations."""
+
+  def __init__(self, config, workdir: str):
+    super().__init__(config, workdir)
+    d = config.data
+    self.base_dir = data_dir(config, workdir)
+    root = d.image_root or self.base_dir
+    self.train_ann = synthetic_captions.read_json(os.path.join(self.base_dir, d.train_ann))
+    self.val_ann = synthetic_captions.read_json(os.path.join(self.base_dir, d.val_ann)) if d.val_ann else []
+    self.tokenizer = self._tokenizer()
+    self.model_config = model_config_from(config, self.tokenizer)
+    self.model = m4q.MiniGPT4Qwen(self.model_config)
+    self.processor = ImageEvalProcessor(self.model_config.vision.image_size)
+    self.train_source = self._source(self.train_ann, root, "train")
+    self.val_source = self._source(self.val_ann, root, "val") if self.val_ann else None
+
+  def _tokenizer(self):
+    init, d = self.config.init, self.config.data
+    if init.tokenizer:
+      from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+      return AutoTokenizer.from_pretrained(init.tokenizer, trust_remote_code=True)
+    texts = corpus_texts(self.base_dir, self.train_ann, ("instruction", "output"))
+    return synthetic_captions.load_or_train(os.path.join(self.workdir, "tokenizer"),
+                                            synthetic_captions.train_chatml_tokenizer, texts,
+                                            vocab_size=d.vocab_size)
+
+  def _source(self, anns, root, split):
+    """ChatML ids / labels of every conversation (MiniGPT4Qwen.preprocess), one image each."""
+    c = self.model_config
+    convs = [synthetic_captions.conversations(a) for a in anns]
+    arrays = m4q.preprocess(convs, self.tokenizer, c.max_txt_len, image_len=c.num_query_tokens)
+    ids = arrays["input_ids"]
+    counts = (ids == c.image_token_id).sum(1)
+    bad = np.flatnonzero(counts != c.num_query_tokens)
+    if len(bad):
+      raise ValueError(f"{split} row {int(bad[0])} ({anns[bad[0]]['image']}) holds {int(counts[bad[0]])} image "
+                       f"placeholders, expected {c.num_query_tokens}: one <ImageHere> per conversation, not cut "
+                       f"by max_txt_len {c.max_txt_len}")
+    full = int((arrays["attention_mask"][:, -1] == 1).sum())
+    logging.info("%s: %d conversations, %.1f tokens on average, %d reach max_txt_len %d", split, len(ids),
+                 arrays["attention_mask"].sum(1).mean(), full, c.max_txt_len)
+    arrays = {k: v.astype(np.int32) for k, v in arrays.items()}
+    return image_text.ImageTextSource([os.path.join(root, a["image"]) for a in anns], arrays, self.processor)
+
+  # ---------------------------------------------------------------------------------- model
+  def init(self, rng):
+    return self.model.init(rng, *m4q.dummy_inputs(self.model_config))["params"]
+
+  def trainable_mask(self, params):
+    pats = tuple(self.config.trainable) or tuple(m4q.trainable_patterns(self.model_config))
+    return optim_lib.trainable_mask(params, pats, tuple(self.config.frozen))
+
+  def pretrained(self):
+    init, c = self.config.init, self.model_config
+    if not (init.pretrained or init.vision or init.qformer or init.llm):
+      return None
+    abstract = nn.meta.unbox(jax.eval_shape(self.init, jax.random.PRNGKey(0)))
+    out = {}
+    if init.vision:
+      over = {f.name: getattr(c.vision.replace(use_ln_vision=False), f.name) for f in dataclasses.fields(c.vision)}
+      out["visual_encoder"] = convert_part(init.vision, "eva_vit", over)
+    if init.qformer:  # a BLIP-2 stage-1 checkpoint: ViT (+ ln_vision), Q-Former, queries
+      out.update(fit_to(stage1_parts(init.qformer, c), abstract, f"init.qformer {init.qformer}"))
+    if init.llm:
+      llm = convert_part(init.llm, None)
+      out["llm_model"] = fit_to(llm, abstract["llm_model"], f"init.llm {init.llm}")
+    if init.pretrained:
+      out.update(convert_whole(init.pretrained, c, family="minigpt4qwen"))
+    return out
+
+  def _forward(self, params, batch, rng, train):
+    return self.model.apply({"params": params}, batch["pixels"], batch["input_ids"], batch["attention_mask"],
+                            batch["labels"], deterministic=not train,
+                            rngs={"dropout": rng} if (train and rng is not None) else None)
+
+  def loss(self, params, batch, rng, train=True):
+    out = self._forward(params, batch, rng, train)
+    targets = batch["labels"][:, 1:]
+    valid = (targets != IGNORE_INDEX).astype(jnp.float32)
+    n = valid.sum()
+    acc = ((jnp.argmax(out.logits[:, :-1], -1) == targets) * valid).sum() / jnp.maximum(n, 1.0)
+    return out.loss, {"accuracy": acc, "weight": n}
+
+  # ---------------------------------------------------------------------------------- data
+  def train_data(self):
+    return image_text.train_iterator(self.train_source, self.config.batch_size, self.config.seed)
+
+  def eval_data(self):
+    if self.val_source is None:
+      return None
+    return image_text.eval_batches(self.val_source, self.config.batch_size)
+
+  def describe(self):
+    c = self.model_config
+    v, q, t = c.vision, c.qformer, c.llm
+    frozen = [k for k in ("freeze_vit", "freeze_qformer", "freeze_queries", "freeze_proj", "freeze_llm")
+              if getattr(c, k)]
+    return {"model": f"MiniGPT4-Qwen: EVA ViT {v.num_hidden_layers}x{v.hidden_size}@{v.image_size}px, Q-Former "
+                     f"{q.num_hidden_layers}x{q.hidden_size} ({c.num_query_tokens} queries), LLM {t.family} "
+                     f"{t.num_hidden_layers}x{t.hidden_size} (vocab {t.vocab_size}, lora r{t.lora_rank})",
+            "trainable": ", ".join(self.config.trainable) if self.config.trainable
+                         else "freeze switches: " + (", ".join(frozen) or "none set"),
+            "data": f"{len(self.train_source)} train / {len(self.val_source) if self.val_source else 0} val "
+                    f"conversations from {self.base_dir}",
+            "tokenizer": f"{len(self.tokenizer)} tokens, <|extra_0|> = {c.image_token_id}, "
+                         f"max_txt_len {c.max_txt_len}"}
