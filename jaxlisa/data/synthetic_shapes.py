@@ -384,12 +384,17 @@ def read_corpus(out_dir: str) -> list[str]:
 # Tokenizer.
 
 def train_tokenizer(corpus: Sequence[str], out_dir: str | None = None, vocab_size: int = 600,
-                    model_max_length: int = 512):
+                    model_max_length: int = 512, template_weight: int = 1000):
   """A deterministic SentencePiece-BPE tokenizer (<unk>=0 = pad, <s>=1 prepended, </s>=2; see
   stack_notes.md section 6) with LISA's added tokens: "[SEG]" (not special), then "<im_start>",
-  "<im_end>" (special). Saved to out_dir (reload with PreTrainedTokenizerFast.from_pretrained)."""
+  "<im_end>" (special). Saved to out_dir (reload with PreTrainedTokenizerFast.from_pretrained).
+
+  The template texts (system prompt, roles, question and answer lists) recur in every sample but
+  once in the corpus: counted `template_weight` times, their words become single tokens, as in a
+  real LLaMA vocabulary (the llava_v1 system prompt: 24 tokens instead of 79). Short prompts keep
+  the question's words from being diluted among template pieces in a from-scratch model."""
   from jaxlisa.data import text  # pylint: disable=import-outside-toplevel
-  tok = text.train_tokenizer(list(corpus), vocab_size)
+  tok = text.train_tokenizer(list(corpus) + template_texts() * template_weight, vocab_size)
   tok.model_max_length = model_max_length
   tok.padding_side = "right"
   tok.add_tokens([conv_lib.DEFAULT_SEG_TOKEN])
