@@ -83,3 +83,53 @@ def test_global_batch(monkeypatch):
   distributed.global_batch(batch, sharding, 8)
   distributed.global_batch({"x": batch["x"][:4]}, sharding, 8)
   assert seen == [(8, 3), (8,), None]
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  """main.py as 2 processes x 2 CPU devices (coordinator on localhost, gloo collectives) against 1
+  process x 4 devices, same data=2 x fsdp=2 mesh: the same metrics, written once, by process 0."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cmd = [sys.executable, "main.py", "--config", "configs/lm_tiny.py:runlocal", "--config.mesh.data=2",
+         "--config.mesh.fsdp=2", "--alsologtostderr"]
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM_PROC", "JAX_PROCESS",
+                                                                   "JAXLISA_DISTRIBUTED", "SLURM_", "OMPI_"))}
+  env.update(JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  port = _free_port()
+  procs = [subprocess.Popen(cmd + ["--workdir", str(tmp_path / "one")], cwd=root, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT,
+                            env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})]
+  for i in range(2):
+    procs.append(subprocess.Popen(
+        cmd + ["--workdir", str(tmp_path / "two")], cwd=root, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                       "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                       "JAX_PROCESS_ID": str(i)}))
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-4000:]
+  assert "process 1 of 2, 2 local of 4 devices" in logs[2] and "done: step 8/8" in logs[1]
+
+  def metrics(name):
+    with open(tmp_path / name / "metrics.jsonl") as fh:
+      return [{k: v for k, v in json.loads(l).items() if not k.endswith("step_time")} for l in fh]
+
+  one, two = metrics("one"), metrics("two")
+  assert [r["step"] for r in two] == [r["step"] for r in one]  # written once, not once per process
+  for a, b in zip(one, two):
+    assert a.keys() == b.keys()
+    for k in a:
+      assert abs(a[k] - b[k]) <= 1e-5, (a["step"], k, a[k], b[k])
+  assert (tmp_path / "two" / "config.json").exists()
+  assert len(os.listdir(tmp_path / "two" / "tensorboard")) == 1
+  assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == sorted(os.listdir(tmp_path / "one" / "checkpoints"))
