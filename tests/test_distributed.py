@@ -133,3 +133,27 @@ def test_two_processes_train_like_one(tmp_path):
   assert (tmp_path / "two" / "config.json").exists()
   assert len(os.listdir(tmp_path / "two" / "tensorboard")) == 1
   assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == sorted(os.listdir(tmp_path / "one" / "checkpoints"))
+
+
+class _FakeTpu:
+  """Enough of a TPU device for mesh_utils: a slice, chip coordinates, one core per chip."""
+  platform, device_kind, core_on_chip = "tpu", "fake tpu", 0
+
+  def __init__(self, i, slice_index, coords):
+    self.id, self.slice_index, self.coords, self.process_index = i, slice_index, coords, slice_index
+
+  def __repr__(self):
+    return f"tpu{self.id}(slice {self.slice_index})"
+
+
+def test_multi_slice_mesh_puts_data_over_slices():
+  devs = [_FakeTpu(4 * s + k, s, (k % 2, k // 2, 0)) for s in range(2) for k in range(4)]
+  assert parallel.mesh.num_slices(devs) == 2
+  grid = parallel.mesh.device_grid((2, 2, 2), devs)  # data=2 (one per slice) x fsdp=2 x tensor=2
+  assert grid.shape == (2, 2, 2)
+  assert [{d.slice_index for d in grid[i].ravel()} for i in range(2)] == [{0}, {1}]
+  grid = parallel.mesh.device_grid((4, 2, 1), devs)  # data=4: 2 slices x 2 inside each
+  assert [{d.slice_index for d in grid[i].ravel()} for i in range(4)] == [{0}, {0}, {1}, {1}]
+  with pytest.raises(ValueError, match="multiple of 2"):
+    parallel.mesh.device_grid((1, 8, 1), devs)  # fsdp across slices: refused
+  assert parallel.mesh.device_grid((1, 1, 1), jax.devices()[:1]) is None  # one slice (any CPU/GPU)

@@ -45,10 +45,40 @@ def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
   return tuple(shape)
 
 
+def num_slices(devices: Sequence[Any]) -> int:
+  """TPU slices the devices span (multi-slice over DCN); 1 for other platforms."""
+  if not devices or getattr(devices[0], "platform", "") != "tpu":
+    return 1
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray | None:
+  """Devices laid out for a multi-slice ('data', 'fsdp', 'tensor') mesh, or None for one slice.
+
+  Slices talk over DCN, much slower than the ICI inside a slice, so only `data` crosses them (data
+  parallelism all-reduces gradients once per step): `data` = slices x data-per-slice, each slice a
+  fsdp x tensor (x data-per-slice) block laid out for its ICI (`create_hybrid_device_mesh`)."""
+  n = num_slices(devices)
+  if n == 1:
+    return None
+  if shape[0] % n:
+    raise ValueError(f"the devices span {n} slices: mesh data={shape[0]} must be a multiple of {n} "
+                     f"(only data parallelism crosses slices); got {dict(zip(MESH_AXES, shape))}")
+  from jax.experimental import mesh_utils  # pylint: disable=import-outside-toplevel
+  ici = (shape[0] // n,) + tuple(shape[1:])
+  return mesh_utils.create_hybrid_device_mesh(ici, (n,) + (1,) * (len(shape) - 1), list(devices))
+
+
 def make_mesh(sizes: dict[str, int], devices: Sequence[Any] | None = None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh with Auto axes (sharding propagated by the compiler)."""
+  """A ('data', 'fsdp', 'tensor') mesh with Auto axes (sharding propagated by the compiler);
+  across TPU slices a hybrid ICI/DCN mesh with `data` over the slices (`device_grid`)."""
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(dict(sizes), len(devices))
+  grid = device_grid(shape, devices)
+  if grid is not None:
+    logging.info("mesh over %d slices: data %d = %d slices x %d", num_slices(devices), shape[0],
+                 num_slices(devices), shape[0] // num_slices(devices))
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
