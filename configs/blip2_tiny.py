@@ -1,6 +1,9 @@
 """A tiny BLIP-2 stage 1 (ITC + ITM + ITG) trained from scratch on captions of the synthetic shapes.
 
-Every part is trainable (nothing is pretrained, so the ViT is not frozen). Runs on a 2-core CPU.
+Every part is trainable (nothing is pretrained, so the ViT is not frozen). Runs on a 2-core CPU:
+measured (shared machine) 1000 steps in 292 s, train loss 8.96 -> 4.51 (ITC 3.47 -> 2.40, ITM
+0.72 -> 0.64 = its label prior, ITG 4.78 -> 1.47), eval loss 5.19 (step 250) -> 4.56, in-batch
+recall@1 i2t 0.23 / t2i 0.20 among 32 captions (chance 0.03).
 
   python main.py --config configs/blip2_tiny.py --workdir workdir/blip2_tiny
   python main.py --config configs/blip2_tiny.py:runlocal --workdir /tmp/blip2   # smoke run (CI)

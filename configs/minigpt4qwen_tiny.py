@@ -1,7 +1,9 @@
 """A tiny MiniGPT4-Qwen (EVA ViT + Q-Former -> llm_proj -> a Qwen-family LM) trained from scratch on
 instructions about the synthetic shapes (ChatML, loss on the assistant turns).
 
-Every part is trainable (nothing is pretrained: all freeze switches off). Runs on a 2-core CPU.
+Every part is trainable (nothing is pretrained: all freeze switches off). Runs on a 2-core CPU:
+measured (shared machine) 600 steps in 217 s, train loss 6.14 -> 0.17, eval loss 0.204 (step 200)
+-> 0.151, next-token accuracy on the answers 0.91 -> 0.93.
 
   python main.py --config configs/minigpt4qwen_tiny.py --workdir workdir/minigpt4qwen_tiny
   python main.py --config configs/minigpt4qwen_tiny.py:runlocal --workdir /tmp/m4q   # smoke run (CI)
