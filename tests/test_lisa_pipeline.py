@@ -143,6 +143,13 @@ def test_val_batches(synth):
   np.testing.assert_array_equal(first["gt_masks"][0, 0, 0, :48, :48], mask)
   refer = list(P.val_batches(ValDataset(out, "refcoco|unc|val"), tok, CFG, process_index=0, process_count=1))
   assert len(refer) == 4 and all(b["conv_valid"].sum() == b["mask_valid"].sum() >= 2 for b in refer)
+  # padded to a mesh's batch shards: the image first, then invalid images with nothing valid
+  padded = list(P.val_batches(val, tok, CFG, process_index=0, process_count=1, images_per_batch=4))
+  assert len(padded) == 4 and all(b["input_ids"].shape[0] == 4 for b in padded)
+  for b, ref in zip(padded, P.val_batches(val, tok, CFG, process_index=0, process_count=1)):
+    assert list(b["image_valid"]) == [True, False, False, False] and not b["mask_valid"][1:].any()
+    np.testing.assert_array_equal(b["gt_masks"][:1], ref["gt_masks"])
+    np.testing.assert_array_equal(b["input_ids"][:1], ref["input_ids"])
 
 
 def test_tfds_round_trip(synth, tmp_path):

@@ -90,10 +90,11 @@ def train_iterator(source: LisaSource, tokenizer, cfg: CollateConfig, *, read_th
 
 def val_batches(val_source: LisaSource, tokenizer, cfg: CollateConfig, *,
                 process_index: int | None = None, process_count: int | None = None,
-                stats: dict | None = None) -> Iterator[LisaBatch]:
+                stats: dict | None = None, images_per_batch: int = 1) -> Iterator[LisaBatch]:
   """One pass of inference batches (one image each) for this host (module docstring). Padding
-  and skipped items give an all-invalid batch (image_valid False). `stats` (optional dict)
-  receives "skipped" and "batches"."""
+  and skipped items give an all-invalid batch (image_valid False). `images_per_batch` pads each
+  batch with invalid images to that many rows (the mesh's batch shards, so that the one image
+  can be placed on a data x fsdp mesh). `stats` (optional dict) receives "skipped" and "batches"."""
   process_index, process_count = _host(process_index, process_count)
   encoder = tokenizer if isinstance(tokenizer, SampleEncoder) else SampleEncoder(tokenizer, cfg)
   per_host = math.ceil(len(val_source) / process_count)
@@ -114,7 +115,7 @@ def val_batches(val_source: LisaSource, tokenizer, cfg: CollateConfig, *,
       stats["skipped"] += not encoded
     for e in encoded or [None]:
       stats["batches"] += 1
-      yield collate([e] if e is not None else [], cfg, inference=True, images_per_batch=1)
+      yield collate([e] if e is not None else [], cfg, inference=True, images_per_batch=images_per_batch)
   if stats["skipped"]:
     logging.warning("validation: %d unreadable items skipped on host %d", stats["skipped"],
                     process_index)

@@ -24,7 +24,7 @@ import os
 import jax.numpy as jnp
 from absl import logging
 
-from jaxlisa import tasks
+from jaxlisa import parallel, tasks
 from jaxlisa.data import lisa_collate, lisa_pipeline, synthetic_shapes
 from jaxlisa.data.lisa_datasets import ValDataset, build_hybrid
 from jaxlisa.evaluation import seg_metrics
@@ -184,7 +184,9 @@ class Task(tasks.Task):
     if not d.val_dataset:
       return None
     val = ValDataset(self.base_dir, d.val_dataset)
-    return lisa_pipeline.val_batches(val, self.tokenizer, self.collate)
+    # one image per batch, padded with invalid images to the mesh's batch shards (data x fsdp)
+    shards = parallel.num_batch_shards(parallel.make_mesh(self.config.mesh.to_dict()))
+    return lisa_pipeline.val_batches(val, self.tokenizer, self.collate, images_per_batch=shards)
 
   def eval_step(self, params, batch, rng):
     out, valid = self.forward(params, batch)
