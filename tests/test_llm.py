@@ -153,3 +153,19 @@ def test_params_carry_logical_axes():
   assert specs and all(len(s) > 0 and any(a is not None for a in s) for s in specs)
   q = nn.get_partition_spec(abstract)["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
   assert tuple(q) == ("layers", "embed", "heads", "head_dim")
+
+
+def test_initializer_range_sets_every_kernel_and_embedding_std():
+  """From-scratch models (the LISA demo) pick their init scale; HF's default is 0.02."""
+  stds = {}
+  for r in (0.02, 0.1):
+    cfg = llm.DecoderConfig(family="llama", vocab_size=V, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, initializer_range=r)
+    params = nn.unbox(llm.DecoderLM(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))["params"]
+    flat = {"/".join(str(p.key) for p in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    stds[r] = {k: float(np.std(v)) for k, v in flat.items() if not k.endswith("scale")}
+  assert set(stds[0.1]) >= {"embed_tokens/embedding", "lm_head/kernel", "layers/self_attn/q_proj/kernel",
+                            "layers/mlp/down_proj/kernel"}
+  for k, s in stds[0.1].items():
+    assert abs(s / 0.1 - 1) < 0.1 and abs(stds[0.02][k] / 0.02 - 1) < 0.1, (k, s, stds[0.02][k])

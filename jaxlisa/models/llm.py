@@ -62,6 +62,7 @@ class DecoderConfig(ConfigMixin):
   mlp_bias: bool = False
   sliding_window: int | None = None  # mistral
   tie_word_embeddings: bool = False
+  initializer_range: float = 0.02  # std of the normal init of every kernel and embedding (HF's name)
   # OPT specifics
   word_embed_proj_dim: int | None = None  # != hidden_size -> project_in / project_out
   do_layer_norm_before: bool = True
@@ -118,6 +119,10 @@ def _dt(name: str):
   return jnp.dtype(name)
 
 
+def _init(c: DecoderConfig):
+  return nn.initializers.normal(stddev=c.initializer_range)
+
+
 class Attention(nn.Module):
   config: DecoderConfig
   deterministic: bool = True
@@ -126,7 +131,7 @@ class Attention(nn.Module):
   def __call__(self, x, mask, cos, sin, layer_cache, cache_index):
     """x [B, T, D]; mask [B, 1, T, S]; cos/sin [B, T, H] or None; layer_cache {'k','v': [B, S, K, H]}."""
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
+    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), kernel_init=_init(c))
     n, k, h = c.num_attention_heads, c.kv_heads, c.dim_per_head
 
     def lora(name):
@@ -168,7 +173,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), use_bias=c.mlp_bias)
+    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), use_bias=c.mlp_bias, kernel_init=_init(c))
     act = activation(c.hidden_act)
     if c.is_opt:
       y = DenseGeneral(c.intermediate_size, kernel_axes=("embed", "mlp"), name="fc1", **kw)(x)
@@ -222,10 +227,12 @@ class DecoderLM(nn.Module):
   def setup(self):
     c = self.config
     kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
-    self.embed_tokens = Embed(c.vocab_size, c.embed_dim, **kw)
+    self.embed_tokens = Embed(c.vocab_size, c.embed_dim, embedding_init=_init(c), **kw)
+    kw["kernel_init"] = _init(c)
     if c.is_opt:
       self.embed_positions = Embed(c.max_position_embeddings + c.position_offset, c.hidden_size,
-                                   axes=(None, "embed"), **kw)
+                                   axes=(None, "embed"), embedding_init=_init(c), dtype=kw["dtype"],
+                                   param_dtype=kw["param_dtype"])
       if c.embed_dim != c.hidden_size:
         self.project_in = DenseGeneral(c.hidden_size, kernel_axes=("embed_proj", "embed"), **kw)
         self.project_out = DenseGeneral(c.embed_dim, kernel_axes=("embed", "embed_proj"), **kw)
