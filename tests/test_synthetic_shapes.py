@@ -138,6 +138,12 @@ def test_questions_are_true(tree):
         assert a.startswith("Yes") == (g[1] in kinds)
       elif (g := re.fullmatch(r"What shape is the (\w+) object\?", q)):
         assert a == f"It is a {next(sh['kind'] for sh in shapes if sh['color'] == g[1])}."
+      elif (g := re.fullmatch(r"Which shape has the colour of (.+)\?", q)):
+        color, kind = re.fullmatch(r"The (\w+) (\w+)\.", a).groups()
+        assert g[1] in S.COLOR_THINGS[color] and {"color": color, "kind": kind} in [
+            {"color": sh["color"], "kind": sh["kind"]} for sh in shapes]
+      elif (g := [k for k, (qs, _) in S.KIND_REASONS.items() if q in qs]):
+        assert a == f"The {shapes[kinds.index(g[0])]['color']} {g[0]}." and kinds.count(g[0]) == 1
       else:
         assert q == "Describe the image briefly." and a.count(" a ") + a.startswith("a ") >= len(shapes)
   # Reasoning + explanations: the explanation names the target, kind questions fit the kind.

@@ -10,11 +10,12 @@ so the masks are exact and the shapes fill exactly their masks.
 the real loaders read (lisa_datasets/), so the same code reads synthetic and real data:
   ade20k/        class maps (0 = background, 1 + kind index) + classes.json: class-name questions
   refer_seg/refcoco/  refs(unc).p + instances.json (exact RLE masks): referring expressions
-                 ("small red circle left of the blue square"), splits train / val
+                 ("small red circle left of the blue square", "red shape"), splits train / val
   reason_seg/ReasonSeg/{train,val}/  json polygons tracing the masks exactly (reasoning queries,
                  "Which shape could roll down a slope?") + explanatory/train.json (explanations)
   llava_dataset/llava_instruct_150k.json + coco/train2017/: text-only multi-turn chat
-                 ("How many shapes are there?" -> "There are three shapes.")
+                 ("How many shapes are there?" -> "There are three shapes."; reasoning questions
+                 answered in words: "Which shape has the colour of a lemon?" -> "The yellow circle.")
   shapes_meta.json (every scene's shapes and reasoning target)
   corpus.json (every text, for the tokenizer)
 Train scenes are 0..num_train-1, val scenes follow. `train_tokenizer` trains a tiny LLaMA-style
@@ -153,7 +154,7 @@ def _relation(a: Shape, b: Shape) -> str:
 def referring_sentences(scene: Scene, k: int, rng: np.random.Generator) -> list[str]:
   """Expressions that single out shapes[k] (colours are unique within a scene)."""
   sh = scene.shapes[k]
-  out = [f"{sh.color} {sh.kind}", f"{sh.size} {sh.color} {sh.kind}"]
+  out = [f"{sh.color} {sh.kind}", f"{sh.size} {sh.color} {sh.kind}", f"{sh.color} shape"]
   others = [o for j, o in enumerate(scene.shapes) if j != k]
   if others:
     o = others[int(rng.integers(len(others)))]
@@ -209,6 +210,12 @@ def chat_turns(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
           ("Describe the image briefly.", f"The image shows {_listing(shapes)} on a grey background.")]
   pool += [(f"What colour is the {sh.kind}?", f"The {sh.kind} is {sh.color}.")
            for sh in shapes if kinds.count(sh.kind) == 1]
+  # the reasoning questions of reason_seg, answered in words: the target named at the answer's start
+  thing = COLOR_THINGS[pick.color][int(rng.integers(2))]
+  pool.append((f"Which shape has the colour of {thing}?", f"The {pick.color} {pick.kind}."))
+  if kinds.count(pick.kind) == 1:
+    pool.append((KIND_REASONS[pick.kind][0][int(rng.integers(len(KIND_REASONS[pick.kind][0])))],
+                 f"The {pick.color} {pick.kind}."))
   turns = int(rng.integers(2, 4))
   return [pool[i] for i in rng.choice(len(pool), size=min(turns, len(pool)), replace=False)]
 
