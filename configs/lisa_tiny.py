@@ -14,6 +14,7 @@ def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False)
   text = dict(family="llama", vocab_size=-1, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, norm_eps=1e-5,
+              initializer_range=0.08,  # ~1/sqrt(hidden): attention is not uniform at init
               bos_token_id=1, eos_token_id=2, pad_token_id=0, lora_rank=0, scan_layers=True)
   vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                 image_size=64, patch_size=16)
