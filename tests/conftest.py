@@ -61,6 +61,28 @@ def max_abs_diff(a, b, mask=None) -> float:
   return float(d.max()) if d.size else 0.0
 
 
+def run_main_then_resume(spec: str, workdir, stop_after: int):
+  """main.py (a subprocess, as a user runs it) on `spec`, stopped after `stop_after` steps, then the
+  same job resumed in process until done (at the CLI's matmul precision, so the persistent
+  compilation cache serves main.py's programs). Returns (main.py's stdout, Trainer.fit's result)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  from jaxlisa import config as cfg_lib  # pylint: disable=import-outside-toplevel
+  from jaxlisa.training.trainer import Trainer  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  cli = subprocess.run([sys.executable, os.path.join(root, "main.py"), "--config", spec, "--workdir", str(workdir),
+                        f"--config.stop_after={stop_after}"], cwd=root, capture_output=True, text=True,
+                       timeout=600, env=env)
+  assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-3000:]
+  with jax.default_matmul_precision(None):
+    trainer = Trainer(cfg_lib.load_config(spec), str(workdir))
+    try:
+      result = trainer.fit()
+    finally:
+      trainer.close()
+  return cli.stdout, result
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads():
   try:

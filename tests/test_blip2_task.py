@@ -6,43 +6,28 @@ same ids every time; the task's light init builds the same parameters as the ful
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import run_main_then_resume
 from jaxlisa import config as cfg_lib
 from jaxlisa.data import synthetic_captions as sc
 from jaxlisa.data import synthetic_shapes
 from jaxlisa.data.image_text import load_rgb
-from jaxlisa.training.trainer import Trainer, read_metrics
+from jaxlisa.training.trainer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = os.path.join(ROOT, "configs", "blip2_tiny.py") + ":runlocal"
 
 
-def _main(workdir, *args):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config", SPEC, "--workdir", str(workdir),
-                         *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-  """main.py on runlocal, stopped after 15 of its 30 steps; then the same job resumed in process
-  (at the CLI's matmul precision, so the persistent compilation cache serves main.py's programs)."""
+  """main.py on runlocal, stopped after 15 of its 30 steps; then the same job resumed in process."""
   wd = tmp_path_factory.mktemp("run")
-  cli = _main(wd, "--config.stop_after=15")
-  assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-3000:]
-  with jax.default_matmul_precision(None):
-    trainer = Trainer(cfg_lib.load_config(SPEC), str(wd))
-    try:
-      result = trainer.fit()
-    finally:
-      trainer.close()
-  return wd, cli.stdout, result
+  stdout, result = run_main_then_resume(SPEC, wd, stop_after=15)
+  return wd, stdout, result
 
 
 def test_trains_validates_checkpoints_resumes_and_loss_falls(run):
