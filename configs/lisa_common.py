@@ -21,7 +21,8 @@ def lisa_config(text: dict, vision: dict, sam: dict, out_dim: int = 256) -> ml_c
       llava=dict(vision=vision, text=text, projector_type="linear", vision_feature_layer=-2,
                  vision_feature_select_strategy="default", image_token_index=-200, mm_use_im_start_end=True),
       sam=sam, seg_token_idx=-1, out_dim=out_dim, max_seg_per_conversation=1,
-      ce_loss_weight=1.0, bce_loss_weight=2.0, dice_loss_weight=0.5))
+      ce_loss_weight=1.0, bce_loss_weight=2.0, dice_loss_weight=0.5,
+      point_prompt_loss_weight=0.0))
   config.init = ml_collections.ConfigDict(dict(
       pretrained="", clip="",  # a LISA checkpoint (converted or official) and, for official ones, CLIP
       compose=dict(llava="", clip="", sam="", tokenizer="")))  # or LISA from parts (train_ds.py's start)
@@ -31,7 +32,8 @@ def lisa_config(text: dict, vision: dict, sam: dict, out_dim: int = 256) -> ml_c
       refer_seg_data="refclef||refcoco||refcoco+||refcocog", vqa_data="llava_instruct_150k",
       reason_seg_data="ReasonSeg|train", val_dataset="ReasonSeg|val", explanatory=0.1,
       num_classes_per_sample=3, samples_per_epoch=80_000,
-      synthetic=dict(num_train=2000, num_val=100, image_size=64, max_shapes=3, seed=0, vocab_size=600),
+      synthetic=dict(num_train=2000, num_val=100, image_size=64, max_shapes=3, seed=0, vocab_size=600,
+                     seg_lstrip=False),
       collate=dict(max_conversations_per_image=3, model_max_length=512, conv_type="llava_v1",
                    use_mm_start_end=True, pad_token_id=0)))
   # official optimizer: AdamW lr 3e-4, betas (0.9, 0.95), no weight decay, WarmupDecayLR 100 steps, clip 1.0

@@ -23,7 +23,7 @@ def get_config(arg=None):
              decoder_mlp_dim=128, decoder_num_heads=2, iou_head_hidden_dim=64)
   config = lisa_common.lisa_config(text, vision, sam, out_dim=64)
   config.trainable = (".*",)  # from scratch: everything learns
-  config.data.update(sample_rates="2,2,1,5", samples_per_epoch=100_000)  # reasoning-heavy: val is ReasonSeg-style
+  config.data.update(sample_rates="2,2,2,4", samples_per_epoch=100_000)  # reasoning-heavy: val is ReasonSeg-style
   config.data.collate.update(model_max_length=256)
   config.total_steps = 2000
   config.batch_size = 8

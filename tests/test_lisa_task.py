@@ -124,3 +124,49 @@ def test_answer_without_seg_gives_no_mask(forced_seg_model):
   (r,) = seg_lib.segment(model, params, tok, [img], ["Please segment the circle."], max_new_tokens=2,
                          max_length=256)
   assert not r.has_seg and r.masks.shape == (0,) + img.shape[:2]
+
+
+def test_point_prompt_masks_equal_sam_prompted_by_points(forced_seg_model):
+  """Lisa's point_masks (the demo's SAM-promptability loss) are SAM's own point-prompted masks."""
+  from jaxlisa.data.preprocess import clip_preprocess, sam_preprocess  # pylint: disable=import-outside-toplevel
+  from jaxlisa.models import sam as sam_lib  # pylint: disable=import-outside-toplevel
+  model, params, tok, img = forced_seg_model
+  c = model.config
+  im = np.ascontiguousarray(img[:48, :40])
+  from jaxlisa.data import tokenization as tok_lib  # pylint: disable=import-outside-toplevel
+  ids = tok_lib.tokenizer_image_token(seg_lib.build_prompt("Where is it?"), tok) + [c.seg_token_idx]
+  ids = tok_lib.expand_image_tokens(ids, None, c.num_image_tokens, c.llava.image_token_index).input_ids
+  ids = jnp.asarray(ids)[None, None]
+  sam_px, resize = sam_preprocess(im, c.sam.img_size)
+  points = jnp.asarray([[[[17.5, 9.5]]]]) * resize[0] / 48  # pixel (17, 9) in SAM's input frame
+  args = (jnp.asarray(clip_preprocess(im, c.llava.vision.image_size, c.llava.vision.image_size))[None],
+          jnp.asarray(sam_px)[None], jnp.asarray([resize]), jnp.asarray([im.shape[:2]]))
+  out = model.apply({"params": params}, ids, jnp.ones_like(ids), *args, mask_shape=(48, 40),
+                    prompt_points=points)
+  low, _ = model.apply({"params": params}, jnp.asarray(sam_px)[None], points[0, 0][:, None],
+                       jnp.ones((1, 1), jnp.int32), multimask_output=False,
+                       method=lambda m, *a, **k: m.visual_model(*a, **k))
+  want = sam_lib.postprocess_masks_dynamic(low[:, 0], jnp.asarray([resize]), jnp.asarray([im.shape[:2]]),
+                                           out_shape=(48, 40), padded_size=c.sam.img_size)
+  assert out.point_masks.shape == out.pred_masks.shape == (1, 1, 1, 48, 40)
+  np.testing.assert_allclose(np.asarray(out.point_masks[0, 0, 0]), np.asarray(want[0]), atol=1e-5)
+  assert not np.allclose(np.asarray(out.point_masks), np.asarray(out.pred_masks), atol=1e-3)
+
+
+def test_sample_mask_points_land_inside_their_masks():
+  from jaxlisa.training.losses import sample_mask_points  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  gt = np.zeros((2, 2, 1, 20, 24), np.int32)
+  gt[0, 0, 0, 3:7, 5:9] = 1
+  gt[0, 0, 0, 10, 2] = 255  # ignore label: never a prompt
+  gt[0, 1, 0, 15:, :] = 1  # rows 15.. lie outside image 0's 12 x 24 region: empty in effect
+  gt[1, 0, 0] = rng.random((20, 24)) < 0.1
+  orig_hw, resize_hw = np.array([[12, 24], [20, 16]]), np.array([[32, 64], [64, 51]])
+  for seed in range(5):
+    pts, has = sample_mask_points(jax.random.PRNGKey(seed), jnp.asarray(gt), jnp.asarray(orig_hw),
+                                  jnp.asarray(resize_hw))
+    assert pts.shape == (2, 2, 1, 2) and has.tolist() == [[[True], [False]], [[True], [False]]]
+    for i, j in ((0, 0), (1, 0)):
+      x, y = np.asarray(pts[i, j, 0]) * orig_hw[i, ::-1] / resize_hw[i, ::-1] - 0.5  # back to pixels
+      assert np.allclose([x, y], np.round([x, y]), atol=1e-4)
+      assert gt[i, j, 0, int(round(y)), int(round(x))] == 1

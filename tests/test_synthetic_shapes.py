@@ -127,9 +127,18 @@ def test_questions_are_true(tree):
     shapes = by_name[os.path.basename(s["image_path"])]["shapes"]
     kinds = [sh["kind"] for sh in shapes]
     assert s["questions"][0].startswith("<image>\n") and s["masks"].shape[0] == 0
+    assert s["questions"][0].endswith("\n" + S.SHORT_ANSWER_PROMPT)  # a short-answer reasoning turn first
     for q, a in zip(s["questions"], s["answers"]):
       q = q.replace("<image>\n", "")
-      if q.startswith("How many shapes"):
+      if q.endswith("\n" + S.SHORT_ANSWER_PROMPT):  # reasoning question, answered "<colour> <kind>"
+        q = q[:-len(S.SHORT_ANSWER_PROMPT) - 1]
+        color, kind = re.fullmatch(r"(\w+) (\w+)", a).groups()
+        assert {"color": color, "kind": kind} in [{"color": sh["color"], "kind": sh["kind"]} for sh in shapes]
+        if (g := re.fullmatch(r"Which shape has the colour of (.+)\?", q)):
+          assert g[1] in S.COLOR_THINGS[color]
+        else:
+          assert q in S.KIND_REASONS[kind][0] and kinds.count(kind) == 1
+      elif q.startswith("How many shapes"):
         words = a.split()
         assert NUM[words[2]] == len(shapes)
       elif (g := re.fullmatch(r"What colour is the (\w+)\?", q)):
@@ -138,12 +147,6 @@ def test_questions_are_true(tree):
         assert a.startswith("Yes") == (g[1] in kinds)
       elif (g := re.fullmatch(r"What shape is the (\w+) object\?", q)):
         assert a == f"It is a {next(sh['kind'] for sh in shapes if sh['color'] == g[1])}."
-      elif (g := re.fullmatch(r"Which shape has the colour of (.+)\?", q)):
-        color, kind = re.fullmatch(r"The (\w+) (\w+)\.", a).groups()
-        assert g[1] in S.COLOR_THINGS[color] and {"color": color, "kind": kind} in [
-            {"color": sh["color"], "kind": sh["kind"]} for sh in shapes]
-      elif (g := [k for k, (qs, _) in S.KIND_REASONS.items() if q in qs]):
-        assert a == f"The {shapes[kinds.index(g[0])]['color']} {g[0]}." and kinds.count(g[0]) == 1
       else:
         assert q == "Describe the image briefly." and a.count(" a ") + a.startswith("a ") >= len(shapes)
   # Reasoning + explanations: the explanation names the target, kind questions fit the kind.
@@ -231,3 +234,18 @@ def test_tokenizer(tree, tmp_path):
   bare = text_lib.train_tokenizer(corpus, 300)  # no [SEG] added: several pieces
   with pytest.raises(ValueError, match="single id"):
     seg_token_index(bare)
+
+
+def test_seg_lstrip_moves_the_seg_state_onto_the_role_token(tree, tmp_path):
+  """As LLaMA's tokenizer does, the space before an added [SEG] is a lone '▁' piece, the position
+  whose state LISA reads; seg_lstrip=True folds that space into [SEG], so the state read is the
+  preceding word's ('ASSISTANT:', 'is'). Survives save / load."""
+  out, _ = tree
+  corpus = S.read_corpus(out)
+  text = "USER: Please segment the red circle. ASSISTANT: [SEG].</s>"
+  before = lambda tok: tok.convert_ids_to_tokens(tok(text).input_ids)[
+      tok(text).input_ids.index(seg_token_index(tok)) - 1]
+  assert before(S.train_tokenizer(corpus)) == "▁"
+  tok = S.train_tokenizer(corpus, str(tmp_path / "l"), seg_lstrip=True)
+  assert before(tok) == before(S.load_tokenizer(str(tmp_path / "l"))) == "▁ASSISTANT:"
+  assert seg_token_index(tok) == seg_token_index(S.train_tokenizer(corpus))

@@ -15,7 +15,8 @@ the real loaders read (lisa_datasets/), so the same code reads synthetic and rea
                  "Which shape could roll down a slope?") + explanatory/train.json (explanations)
   llava_dataset/llava_instruct_150k.json + coco/train2017/: text-only multi-turn chat
                  ("How many shapes are there?" -> "There are three shapes."; reasoning questions
-                 answered in words: "Which shape has the colour of a lemon?" -> "The yellow circle.")
+                 answered in LLaVA-1.5's short form: "Which shape has the colour of a lemon?\n
+                 Answer the question using a single word or phrase." -> "yellow circle")
   shapes_meta.json (every scene's shapes and reasoning target)
   corpus.json (every text, for the tokenizer)
 Train scenes are 0..num_train-1, val scenes follow. `train_tokenizer` trains a tiny LLaMA-style
@@ -68,6 +69,7 @@ KIND_REASONS = {
 COLOR_THINGS = {"red": ("a ripe tomato", "a fire truck"), "green": ("fresh grass", "a lime"),
                 "blue": ("a clear sky", "the deep sea"), "yellow": ("a banana", "a lemon"),
                 "purple": ("grapes", "an eggplant"), "orange": ("a pumpkin", "a carrot")}
+SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."  # LLaVA-1.5's VQA suffix
 HYBRID_KWARGS = dict(sem_seg_data="ade20k", refer_seg_data="refcoco",
                      vqa_data="llava_instruct_150k", reason_seg_data="ReasonSeg|train")
 
@@ -195,7 +197,8 @@ def _listing(shapes: Sequence[Shape]) -> str:
 
 
 def chat_turns(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
-  """Two or three text-only (question, answer) turns about the scene."""
+  """Two or three text-only (question, answer) turns about the scene: a short-answer reasoning
+  question first, then one or two others."""
   shapes, kinds = scene.shapes, [sh.kind for sh in scene.shapes]
   n = len(shapes)
   asked = KINDS[int(rng.integers(len(KINDS)))]
@@ -210,14 +213,23 @@ def chat_turns(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
           ("Describe the image briefly.", f"The image shows {_listing(shapes)} on a grey background.")]
   pool += [(f"What colour is the {sh.kind}?", f"The {sh.kind} is {sh.color}.")
            for sh in shapes if kinds.count(sh.kind) == 1]
-  # the reasoning questions of reason_seg, answered in words: the target named at the answer's start
-  thing = COLOR_THINGS[pick.color][int(rng.integers(2))]
-  pool.append((f"Which shape has the colour of {thing}?", f"The {pick.color} {pick.kind}."))
-  if kinds.count(pick.kind) == 1:
-    pool.append((KIND_REASONS[pick.kind][0][int(rng.integers(len(KIND_REASONS[pick.kind][0])))],
-                 f"The {pick.color} {pick.kind}."))
-  turns = int(rng.integers(2, 4))
-  return [pool[i] for i in rng.choice(len(pool), size=min(turns, len(pool)), replace=False)]
+  turns = int(rng.integers(1, 3))
+  chat = [reasoning_short_answer(scene, pick, rng)]  # first, right after the image, like a [SEG] query
+  return chat + [pool[i] for i in rng.choice(len(pool), size=min(turns, len(pool)), replace=False)]
+
+
+def reasoning_short_answer(scene: Scene, target: Shape, rng: np.random.Generator) -> tuple[str, str]:
+  """A reasoning question of reason_seg about `target`, answered in LLaVA-1.5's short-answer VQA
+  form ("... Answer the question using a single word or phrase." -> "yellow circle"): the answer
+  names the target from its first token, so the hidden state where the answer starts -- the state
+  LISA's validation reads as the [SEG] embedding -- must carry which shape the question means."""
+  kinds = [sh.kind for sh in scene.shapes]
+  if kinds.count(target.kind) == 1 and rng.random() < 0.5:
+    texts = KIND_REASONS[target.kind][0]
+    q = texts[int(rng.integers(len(texts)))]
+  else:
+    q = f"Which shape has the colour of {COLOR_THINGS[target.color][int(rng.integers(2))]}?"
+  return f"{q}\n{SHORT_ANSWER_PROMPT}", f"{target.color} {target.kind}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +309,7 @@ def template_texts() -> list[str]:
   t = conv_lib.llava_v1
   out = [t.system, f"{t.roles[0]}: ", f"{t.roles[1]}: ", "</s>"]
   out += conv_lib.SHORT_QUESTION_LIST + conv_lib.LONG_QUESTION_LIST
-  out += conv_lib.EXPLANATORY_QUESTION_LIST + conv_lib.ANSWER_LIST
+  out += conv_lib.EXPLANATORY_QUESTION_LIST + conv_lib.ANSWER_LIST + [SHORT_ANSWER_PROMPT]
   out += [string.ascii_letters + string.digits + string.punctuation + " \n"]
   return out
 
@@ -391,7 +403,7 @@ def read_corpus(out_dir: str) -> list[str]:
 # Tokenizer.
 
 def train_tokenizer(corpus: Sequence[str], out_dir: str | None = None, vocab_size: int = 600,
-                    model_max_length: int = 512, template_weight: int = 1000):
+                    model_max_length: int = 512, template_weight: int = 1000, seg_lstrip: bool = False):
   """A deterministic SentencePiece-BPE tokenizer (<unk>=0 = pad, <s>=1 prepended, </s>=2; see
   stack_notes.md section 6) with LISA's added tokens: "[SEG]" (not special), then "<im_start>",
   "<im_end>" (special). Saved to out_dir (reload with PreTrainedTokenizerFast.from_pretrained).
@@ -400,11 +412,12 @@ def train_tokenizer(corpus: Sequence[str], out_dir: str | None = None, vocab_siz
   once in the corpus: counted `template_weight` times, their words become single tokens, as in a
   real LLaMA vocabulary (the llava_v1 system prompt: 24 tokens instead of 79). Short prompts keep
   the question's words from being diluted among template pieces in a from-scratch model."""
+  from tokenizers import AddedToken  # pylint: disable=import-outside-toplevel
   from jaxlisa.data import text  # pylint: disable=import-outside-toplevel
   tok = text.train_tokenizer(list(corpus) + template_texts() * template_weight, vocab_size)
   tok.model_max_length = model_max_length
   tok.padding_side = "right"
-  tok.add_tokens([conv_lib.DEFAULT_SEG_TOKEN])
+  tok.add_tokens([AddedToken(conv_lib.DEFAULT_SEG_TOKEN, lstrip=seg_lstrip)])
   tok.add_tokens([conv_lib.DEFAULT_IM_START_TOKEN, conv_lib.DEFAULT_IM_END_TOKEN], special_tokens=True)
   seg_token_index(tok)
   if out_dir:

@@ -42,6 +42,11 @@ class LisaConfig:
   ce_loss_weight: float = 1.0
   bce_loss_weight: float = 2.0
   dice_loss_weight: float = 0.5
+  # Not in the official recipe (0 there): SAM's own promptable objective on the same ground-truth
+  # masks, prompted by one random point inside each (SAM's pretraining task). The official SAM is
+  # pretrained promptable; a from-scratch one (the tiny demo) learns to segment the salient shape
+  # whatever its prompt, and [SEG] then has nothing to steer (docs/ARCHITECTURE.md, the tiny demo).
+  point_prompt_loss_weight: float = 0.0
 
   def __post_init__(self):
     if self.out_dim != self.sam.prompt_embed_dim:
@@ -74,6 +79,7 @@ class LisaOutput:
   seg_valid: jax.Array  # [I, J, K] a k-th [SEG] exists in the conversation
   low_res_masks: jax.Array  # [I, J, K, 4h, 4w] mask logits from SAM's decoder
   pred_masks: jax.Array | None = None  # [I, J, K, Hb, Wb] logits at original size (zero outside)
+  point_masks: jax.Array | None = None  # [I, J, K, Hb, Wb] the same, SAM prompted by `prompt_points`
 
 
 class TextHiddenFcs(nn.Module):
@@ -130,9 +136,12 @@ class Lisa(nn.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, clip_pixels: jax.Array,
                sam_pixels: jax.Array, resize_hw: jax.Array | None = None, orig_hw: jax.Array | None = None,
-               mask_shape: tuple[int, int] | None = None, deterministic: bool = True) -> LisaOutput:
+               mask_shape: tuple[int, int] | None = None, deterministic: bool = True,
+               prompt_points: jax.Array | None = None) -> LisaOutput:
     """input_ids, attention_mask [I, J, T]; clip_pixels [I, Hc, Wc, 3]; sam_pixels [I, S, S, 3];
-    resize_hw / orig_hw [I, 2] and a static mask_shape (Hb, Wb) give pred_masks at original size."""
+    resize_hw / orig_hw [I, 2] and a static mask_shape (Hb, Wb) give pred_masks at original size.
+    prompt_points [I, J, K, 2] (x, y in SAM input pixels) also decode every mask from a positive
+    point instead of [SEG] (point_masks; see point_prompt_loss_weight)."""
     c = self.config
     n_img, n_conv, t = input_ids.shape
     k = c.max_seg_per_conversation
@@ -149,16 +158,21 @@ class Lisa(nn.Module):
     seg = self.text_hidden_fcs(hidden)
     image_index = jnp.repeat(jnp.arange(n_img * n_conv) // n_conv, k)
     low_res = self.decode_masks(seg.reshape(-1, c.out_dim), image_embeddings, image_index)
-    pred = None
+    pred = point_pred = None
     if resize_hw is not None and orig_hw is not None and mask_shape is not None:
-      pred = sam_lib.postprocess_masks_dynamic(low_res, resize_hw[image_index], orig_hw[image_index],
-                                               out_shape=mask_shape, padded_size=c.sam.img_size)
-      pred = pred.reshape(n_img, n_conv, k, *mask_shape)
+      to_orig = lambda m: sam_lib.postprocess_masks_dynamic(
+          m, resize_hw[image_index], orig_hw[image_index], out_shape=mask_shape,
+          padded_size=c.sam.img_size).reshape(n_img, n_conv, k, *mask_shape)
+      pred = to_orig(low_res)
+      if prompt_points is not None:
+        points = prompt_points.reshape(-1, 1, 2)
+        sparse, dense = self.visual_model.encode_prompts(points, jnp.ones(points.shape[:2], jnp.int32))
+        point_pred = to_orig(self.visual_model.decode(image_embeddings, sparse, dense, False, image_index)[0][:, 0])
     return LisaOutput(logits=out.logits.reshape(n_img, n_conv, t, -1),
                       seg_embeddings=seg.reshape(n_img, n_conv, k, -1),
                       seg_valid=valid.reshape(n_img, n_conv, k),
                       low_res_masks=low_res.reshape(n_img, n_conv, k, *low_res.shape[-2:]),
-                      pred_masks=pred)
+                      pred_masks=pred, point_masks=point_pred)
 
 
 def dummy_inputs(c: LisaConfig):

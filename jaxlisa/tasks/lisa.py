@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import jax.numpy as jnp
 from absl import logging
 
@@ -50,7 +51,8 @@ def model_config_from(config, tokenizer) -> LisaConfig:
 _RUNTIME_TEXT = ("dtype", "param_dtype", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets",
                  "remat_policy", "scan_layers", "attention_impl")
 _RUNTIME_TOWER = ("dtype", "param_dtype", "remat_policy", "attention_impl")
-_RUNTIME_TOP = ("max_seg_per_conversation", "ce_loss_weight", "bce_loss_weight", "dice_loss_weight")
+_RUNTIME_TOP = ("max_seg_per_conversation", "ce_loss_weight", "bce_loss_weight", "dice_loss_weight",
+                "point_prompt_loss_weight")
 
 
 def with_runtime_fields(pretrained: LisaConfig, config) -> LisaConfig:
@@ -131,6 +133,7 @@ class Task(tasks.Task):
       return synthetic_shapes.load_tokenizer(tok_dir)
     tok = synthetic_shapes.train_tokenizer(synthetic_shapes.read_corpus(self.base_dir), tok_dir,
                                            vocab_size=self.config.data.synthetic.vocab_size,
+                                           seg_lstrip=self.config.data.synthetic.seg_lstrip,
                                            model_max_length=self.config.data.collate.model_max_length)
     return tok
 
@@ -146,19 +149,31 @@ class Task(tasks.Task):
   def pretrained(self):
     return self._pretrained_params
 
-  def forward(self, params, batch, rng=None, train=False):
+  def forward(self, params, batch, rng=None, train=False, prompt_points=None):
     out = self.model.apply(
         {"params": params}, batch["input_ids"], batch["attention_mask"], batch["clip_pixels"],
         batch["sam_pixels"], batch["resize_hw"], batch["orig_hw"], mask_shape=batch["gt_masks"].shape[-2:],
-        deterministic=not train, rngs={"dropout": rng} if (train and rng is not None) else None)
+        deterministic=not train, rngs={"dropout": rng} if (train and rng is not None) else None,
+        prompt_points=prompt_points)
     return out, batch["mask_valid"] & out.seg_valid
 
   def loss(self, params, batch, rng, train=True):
     c = self.model_config
-    out, valid = self.forward(params, batch, rng, train)
+    points = point_valid = None
+    if c.point_prompt_loss_weight and train and rng is not None:
+      rng, point_rng = jax.random.split(rng)
+      points, point_valid = losses.sample_mask_points(point_rng, batch["gt_masks"], batch["orig_hw"],
+                                                      batch["resize_hw"])
+    out, valid = self.forward(params, batch, rng, train, prompt_points=points)
     total, aux = losses.lisa_loss(out.logits, batch["labels"], out.pred_masks, batch["gt_masks"], valid,
                                   batch["orig_hw"], ce_weight=c.ce_loss_weight, bce_weight=c.bce_loss_weight,
                                   dice_weight=c.dice_loss_weight)
+    if points is not None:
+      _, point_aux = losses.lisa_loss(out.logits, batch["labels"], out.point_masks, batch["gt_masks"],
+                                      valid & point_valid, batch["orig_hw"])
+      point_loss = c.bce_loss_weight * point_aux["bce"] + c.dice_loss_weight * point_aux["dice"]
+      total = total + c.point_prompt_loss_weight * point_loss
+      aux["point_prompt_loss"] = point_loss
     aux["weight"] = jnp.sum(batch["image_valid"]).astype(jnp.float32)
     return total, aux
 

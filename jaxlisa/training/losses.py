@@ -51,6 +51,22 @@ def mask_losses(pred: jax.Array, target: jax.Array, orig_hw: jax.Array) -> tuple
   return bce, dice
 
 
+def sample_mask_points(rng: jax.Array, gt_masks: jax.Array, orig_hw: jax.Array, resize_hw: jax.Array
+                       ) -> tuple[jax.Array, jax.Array]:
+  """One uniformly random foreground pixel per mask, as a SAM point prompt.
+
+  gt_masks [I, J, K, Hb, Wb] (1 = foreground; 0 / 255 not); orig_hw, resize_hw [I, 2] (h, w) ->
+  (points [I, J, K, 2]: the pixel centre (x + 0.5, y + 0.5) scaled to SAM's input frame as
+  segment-anything's ResizeLongestSide.apply_coords does, has_foreground [I, J, K])."""
+  hb, wb = gt_masks.shape[-2:]
+  fg = (gt_masks == 1) & valid_region(orig_hw[:, None, None, :], (hb, wb))
+  flat = fg.reshape(fg.shape[:3] + (-1,))
+  idx = jax.random.categorical(rng, jnp.where(flat, 0.0, -1e9))
+  xy = jnp.stack([idx % wb, idx // wb], -1).astype(jnp.float32) + 0.5
+  scale = (resize_hw / orig_hw).astype(jnp.float32)[:, ::-1]  # (w, h) ratios
+  return xy * scale[:, None, None, :], flat.any(-1)
+
+
 def grouped_mean(per_mask: jax.Array, valid: jax.Array, group: jax.Array, num_groups: int) -> jax.Array:
   """The official accumulation: sum over groups of (group sum / (n + 1e-8) * n), / (total n + 1e-8).
 
