@@ -1,7 +1,7 @@
 """jaxlisa command line.
 
-  python main.py                                             # the default job (configs/lm_tiny.py)
-  python main.py --config configs/lm_tiny.py:runlocal --workdir /tmp/lm
+  python main.py                                             # the default job: the LISA demo (configs/lisa_tiny.py)
+  python main.py --config configs/lisa_tiny.py:runlocal --workdir /tmp/lisa   # its smoke version
   python main.py --config configs/<name>.py:arg=v --config.optim.lr=1e-4 --workdir DIR
 
 `config.mode` picks what to run (MODES). The resolved config is written to DIR/config.json; a run
@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from jaxlisa import config as cfg_lib
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CONFIG = os.path.join(ROOT, "configs", "lm_tiny.py")
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "lisa_tiny.py")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", default=DEFAULT_CONFIG,

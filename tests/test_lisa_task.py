@@ -29,7 +29,7 @@ def _main(workdir, *args, timeout=900):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   wd = tmp_path_factory.mktemp("lisa_run")
-  out = _main(wd)
+  out = _main(wd, "--config.model.point_prompt_loss_weight=1.0")  # the non-official SAM prompt loss too
   assert out.returncode == 0, out.stderr[-3000:]
   return wd, out.stdout
 
@@ -40,6 +40,7 @@ def test_train_validates_and_checkpoints(trained):
   assert os.path.isdir(wd / "checkpoints") and os.path.isfile(wd / "metrics.jsonl")
   assert os.path.isfile(wd / "tokenizer" / "tokenizer.json")
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(wd / "tensorboard"))
+  assert '"train/point_prompt_loss"' in (wd / "metrics.jsonl").read_text()
 
 
 def test_segment_mode_and_bad_inputs(trained, tmp_path):
@@ -62,7 +63,7 @@ def test_segment_mode_and_bad_inputs(trained, tmp_path):
 
 def test_resume_continues_from_latest(trained):
   wd, _ = trained
-  out = _main(wd)
+  out = _main(wd, "--config.model.point_prompt_loss_weight=1.0")
   assert out.returncode == 0 and "nothing to do" in out.stdout
 
 

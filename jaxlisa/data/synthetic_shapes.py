@@ -221,8 +221,8 @@ def chat_turns(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
 def reasoning_short_answer(scene: Scene, target: Shape, rng: np.random.Generator) -> tuple[str, str]:
   """A reasoning question of reason_seg about `target`, answered in LLaVA-1.5's short-answer VQA
   form ("... Answer the question using a single word or phrase." -> "yellow circle"): the answer
-  names the target from its first token, so the hidden state where the answer starts -- the state
-  LISA's validation reads as the [SEG] embedding -- must carry which shape the question means."""
+  names the target from its first token, so the state of the role token before it must carry which
+  shape the question means (with seg_lstrip, the state validation reads as the [SEG] embedding)."""
   kinds = [sh.kind for sh in scene.shapes]
   if kinds.count(target.kind) == 1 and rng.random() < 0.5:
     texts = KIND_REASONS[target.kind][0]

@@ -169,9 +169,9 @@ class Task(tasks.Task):
                                   batch["orig_hw"], ce_weight=c.ce_loss_weight, bce_weight=c.bce_loss_weight,
                                   dice_weight=c.dice_loss_weight)
     if points is not None:
-      _, point_aux = losses.lisa_loss(out.logits, batch["labels"], out.point_masks, batch["gt_masks"],
-                                      valid & point_valid, batch["orig_hw"])
-      point_loss = c.bce_loss_weight * point_aux["bce"] + c.dice_loss_weight * point_aux["dice"]
+      bce, dice = losses.batch_mask_losses(out.point_masks, batch["gt_masks"], valid & point_valid,
+                                           batch["orig_hw"])
+      point_loss = c.bce_loss_weight * bce + c.dice_loss_weight * dice
       total = total + c.point_prompt_loss_weight * point_loss
       aux["point_prompt_loss"] = point_loss
     aux["weight"] = jnp.sum(batch["image_valid"]).astype(jnp.float32)

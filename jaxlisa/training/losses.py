@@ -83,13 +83,19 @@ def lisa_loss(logits: jax.Array, labels: jax.Array, pred_masks: jax.Array, gt_ma
               dice_weight: float = 0.5) -> tuple[jax.Array, dict]:
   """logits [I, J, T, V]; labels [I, J, T]; pred_masks, gt_masks [I, J, K, Hb, Wb];
   mask_valid [I, J, K]; orig_hw [I, 2] -> (total, {ce, bce, dice, num_masks, num_tokens})."""
-  n_img = pred_masks.shape[0]
   ce, n_tok = causal_lm_loss(logits, labels)
+  bce, dice = batch_mask_losses(pred_masks, gt_masks, mask_valid, orig_hw)
+  total = ce_weight * ce + bce_weight * bce + dice_weight * dice
+  return total, {"ce": ce, "bce": bce, "dice": dice, "num_masks": mask_valid.sum(), "num_tokens": n_tok}
+
+
+def batch_mask_losses(pred_masks: jax.Array, gt_masks: jax.Array, mask_valid: jax.Array,
+                      orig_hw: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """LISA's (BCE, dice) of a batch: per-mask losses averaged over the valid masks (grouped by image,
+  as official). pred_masks, gt_masks [I, J, K, Hb, Wb]; mask_valid [I, J, K]; orig_hw [I, 2]."""
+  n_img = pred_masks.shape[0]
   hw = jnp.broadcast_to(orig_hw[:, None, None, :], pred_masks.shape[:3] + (2,))
   bce, dice = mask_losses(pred_masks, gt_masks, hw)
   group = jnp.broadcast_to(jnp.arange(n_img)[:, None, None], mask_valid.shape).reshape(-1)
   valid = mask_valid.reshape(-1)
-  bce = grouped_mean(bce.reshape(-1), valid, group, n_img)
-  dice = grouped_mean(dice.reshape(-1), valid, group, n_img)
-  total = ce_weight * ce + bce_weight * bce + dice_weight * dice
-  return total, {"ce": ce, "bce": bce, "dice": dice, "num_masks": valid.sum(), "num_tokens": n_tok}
+  return grouped_mean(bce.reshape(-1), valid, group, n_img), grouped_mean(dice.reshape(-1), valid, group, n_img)
