@@ -6,9 +6,15 @@ Public entry points:
   generate(module, params, input_ids, attention_mask, ...)  (jaxlisa.inference.generate)
 """
 
-from jaxlisa.conversion.convert import Pretrained, load_pretrained  # noqa: F401
-
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  """Pretrained / load_pretrained on first use (keeps `import jaxlisa` and the CLI's --help light)."""
+  if name in ("Pretrained", "load_pretrained"):
+    from jaxlisa.conversion import convert  # pylint: disable=import-outside-toplevel
+    return getattr(convert, name)
+  raise AttributeError(f"module 'jaxlisa' has no attribute {name!r}")
 
 
 def load_model_and_preprocess(name: str, model_type: str = "tiny", **kw):

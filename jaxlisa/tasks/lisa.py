@@ -89,12 +89,6 @@ class Task(tasks.Task):
     d = config.data
     self.base_dir = d.base_dir or os.path.join(workdir, "data")
     self.pretrained_dir = config.init.pretrained
-    if not d.base_dir:
-      if not os.path.exists(os.path.join(self.base_dir, "corpus.json")):
-        s = d.synthetic
-        logging.info("writing the synthetic shapes dataset to %s", self.base_dir)
-        synthetic_shapes.write_dataset(self.base_dir, num_train=s.num_train, num_val=s.num_val,
-                                       image_size=s.image_size, seed=s.seed, max_shapes=s.max_shapes)
     self._pretrained = self._load_pretrained()
     if self._pretrained is not None:
       cfg, self._pretrained_params, self.tokenizer = self._pretrained
@@ -105,6 +99,17 @@ class Task(tasks.Task):
       self.model_config = model_config_from(config, self.tokenizer)
     self.model = Lisa(self.model_config)
     self.collate = collate_config(config, self.model_config)
+
+  def _ensure_data(self):
+    """Write the synthetic shapes dataset to workdir/data once, when something reads it (training,
+    validation, the tokenizer's corpus); segment mode on a trained workdir or on pretrained weights
+    writes nothing."""
+    d = self.config.data
+    if not d.base_dir and not os.path.exists(os.path.join(self.base_dir, "corpus.json")):
+      s = d.synthetic
+      logging.info("writing the synthetic shapes dataset to %s", self.base_dir)
+      synthetic_shapes.write_dataset(self.base_dir, num_train=s.num_train, num_val=s.num_val,
+                                     image_size=s.image_size, seed=s.seed, max_shapes=s.max_shapes)
 
   def _load_pretrained(self):
     """(LisaConfig, params, tokenizer) from init.pretrained or init.compose, else None."""
@@ -131,6 +136,7 @@ class Task(tasks.Task):
     tok_dir = os.path.join(self.workdir, "tokenizer")
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
       return synthetic_shapes.load_tokenizer(tok_dir)
+    self._ensure_data()
     tok = synthetic_shapes.train_tokenizer(synthetic_shapes.read_corpus(self.base_dir), tok_dir,
                                            vocab_size=self.config.data.synthetic.vocab_size,
                                            seg_lstrip=self.config.data.synthetic.seg_lstrip,
@@ -180,6 +186,7 @@ class Task(tasks.Task):
   # ---------------------------------------------------------------------------------- data
   def train_data(self):
     d = self.config.data
+    self._ensure_data()
     if d.base_dir:
       source = build_hybrid(d.base_dir, d.dataset, tuple(float(x) for x in d.sample_rates.split(",")),
                             samples_per_epoch=d.samples_per_epoch, seed=self.config.seed,
@@ -198,6 +205,7 @@ class Task(tasks.Task):
     d = self.config.data
     if not d.val_dataset:
       return None
+    self._ensure_data()
     val = ValDataset(self.base_dir, d.val_dataset)
     # one image per batch, padded with invalid images to the mesh's batch shards (data x fsdp)
     shards = parallel.num_batch_shards(parallel.make_mesh(self.config.mesh.to_dict()))

@@ -93,3 +93,58 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Params-only reading (eval, segment, serving): no CheckpointManager, nothing created on disk.
+
+def _steps(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory)
+                if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+
+
+def find_params(workdir: str, which: str = "latest") -> tuple[str, int] | None:
+  """(orbax item directory, step) of the trained params in `workdir`, or None when it has none.
+
+  which='latest': workdir/checkpoints/<max step>/state (its 'trainable' subtree); which='best':
+  workdir/best/<step>/params. A converted directory (jaxlisa_config.json + params/) gives
+  (its params/, 0). Reads the directory listing only."""
+  if which not in ("latest", "best"):
+    raise ValueError(f"which must be 'latest' or 'best', got {which!r}")
+  if os.path.isfile(os.path.join(workdir, "jaxlisa_config.json")) and os.path.isdir(os.path.join(workdir, "params")):
+    return os.path.abspath(os.path.join(workdir, "params")), 0
+  sub, item = ("checkpoints", "state") if which == "latest" else ("best", "params")
+  root = os.path.join(workdir, sub)
+  for step in reversed(_steps(root)):  # an unfinished save has no item directory yet
+    path = os.path.join(root, str(step), item)
+    if os.path.isdir(path):
+      return os.path.abspath(path), step
+  return None
+
+
+def restore_params(workdir: str, abstract_params: Any, shardings: Any = None,
+                   which: str = "latest") -> tuple[Any, int]:
+  """(params, step): the trained params of the latest (or best) checkpoint of `workdir`, read
+  straight into `shardings`, nothing else (no optimizer state, no data state).
+
+  abstract_params: a (possibly partial) nested dict of ShapeDtypeStruct-likes (e.g. the trained
+  subset of jax.eval_shape(task.init)); only those leaves are read. shardings: a matching tree
+  of jax.sharding.Sharding (default: each leaf's .sharding, else one device).
+  Raises FileNotFoundError when `workdir` holds no checkpoint (see find_params)."""
+  found = find_params(workdir, which)
+  if found is None:
+    raise FileNotFoundError(f"no {which} checkpoint in {workdir}")
+  path, step = found
+  if shardings is None:
+    shardings = jax.tree.map(lambda x: getattr(x, "sharding", None), abstract_params)
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)
+  latest = path.endswith(os.sep + "state")
+  item = {"trainable": target} if latest else target
+  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                          partial_restore=True))
+  logging.info("restored params from %s (step %d)", path, step)
+  return (out["trainable"] if latest else out), step

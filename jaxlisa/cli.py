@@ -1,0 +1,434 @@
+"""jaxlisa command line (main.py, `python -m jaxlisa` and the `jaxlisa` console script).
+
+  python main.py                                             # the default job: the LISA demo (configs/lisa_tiny.py)
+  python main.py --config configs/lisa_tiny.py:runlocal --workdir /tmp/lisa   # its smoke version
+  python main.py --config configs/<name>.py:arg=v --config.optim.lr=1e-4 --workdir DIR
+  python main.py --help                                      # modes and the config's main fields
+
+`config.mode` picks what to run (MODES). The resolved config is written to DIR/config.json; a run
+in a workdir that has checkpoints resumes from the latest one. eval and segment read parameters
+only (jaxlisa/training/inference_params.py) and refuse to run on random weights unless
+--config.allow_random_init=True.
+
+`--config configs/x.py` is a path relative to the working directory; when no such file exists there
+the packaged configs (installed next to jaxlisa by `pip install .`) are used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Before jax / transformers are imported: transformers' import-time advice that PyTorch is missing
+# (jaxlisa uses its tokenizers only).
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import logging as py_logging  # noqa: E402
+
+from absl import app, flags, logging  # noqa: E402
+
+from jaxlisa import config as cfg_lib  # noqa: E402
+
+PACKAGE_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+DEFAULT_CONFIG = os.path.join(PACKAGE_CONFIGS, "lisa_tiny.py")
+
+MODE_HELP = {
+    "train": "train (or resume) config.task to config.total_steps; checkpoints, metrics.jsonl, TensorBoard in the workdir",
+    "eval": "validate the latest checkpoint of the workdir (or init.pretrained): prints the eval metrics",
+    "segment": "answer --config.prompt about --config.image and write a mask + overlay PNG per [SEG]",
+}
+
+# Fields --help shows (those the selected config has), with their defaults.
+HELP_FIELDS = ("mode", "task", "total_steps", "batch_size", "grad_accum", "optim.lr", "eval_every", "ckpt_every",
+               "seed", "init.pretrained", "init.clip", "data.base_dir", "image", "prompt", "max_new_tokens",
+               "segment_dir", "allow_random_init", "mesh.data", "mesh.fsdp", "mesh.tensor")
+
+
+class _QuietTpuProbe(py_logging.Filter):
+  """Drop jax's 'Unable to initialize backend ...' info line (a CPU-only jaxlib probing for TPUs);
+  a backend that was asked for (JAX_PLATFORMS) still fails loudly, as jax raises then."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Unable to initialize backend")
+
+
+def quiet_logs() -> None:
+  py_logging.getLogger("jax._src.xla_bridge").addFilter(_QuietTpuProbe())
+
+
+def resolve_config_path(path: str) -> str:
+  """`path` if it exists (relative to the working directory), else the packaged config of that name."""
+  if os.path.isfile(path) or not path.endswith(".py"):
+    return path
+  packaged = os.path.join(PACKAGE_CONFIGS, os.path.basename(path))
+  return packaged if os.path.isfile(packaged) else path
+
+
+def resolve_spec(spec: str) -> str:
+  path, colon, arg = spec.partition(":")
+  return resolve_config_path(path) + colon + arg
+
+
+def _config_spec(argv: list[str]) -> str:
+  """The --config value in argv (last wins, as absl), else the default."""
+  spec = DEFAULT_CONFIG
+  for i, tok in enumerate(argv[1:], 1):
+    if tok == "--":
+      break
+    if tok.lstrip("-") == "config" and tok.startswith("-") and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif tok.startswith("-") and tok.lstrip("-").startswith("config="):
+      spec = tok.split("=", 1)[1]
+  return spec
+
+
+def _resolve_argv(argv: list[str]) -> list[str]:
+  """argv with every --config value resolved by resolve_spec (what ml_collections will load)."""
+  out = list(argv)
+  for i, tok in enumerate(out[1:], 1):
+    if tok == "--":
+      break
+    if tok.lstrip("-") == "config" and tok.startswith("-") and i + 1 < len(out):
+      out[i + 1] = resolve_spec(out[i + 1])
+    elif tok.startswith("-") and tok.lstrip("-").startswith("config="):
+      head, value = tok.split("=", 1)
+      out[i] = f"{head}={resolve_spec(value)}"
+  return out
+
+
+def default_workdir(spec: str) -> str:
+  path, _, arg = spec.partition(":")
+  name = os.path.splitext(os.path.basename(path))[0]
+  if arg:
+    name += "-" + "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in arg.replace(",", "-"))
+  return os.path.join("workdir", name)
+
+
+def help_text(prog: str, spec: str, config) -> str:
+  values = dict(cfg_lib.iter_paths(config))
+  width = max(len(k) for k in HELP_FIELDS) + len("--config.")
+  lines = [f"usage: {prog} [--config FILE.py[:ARG]] [--workdir DIR] [--config.KEY=VALUE ...]", "",
+           "jaxlisa: train, validate and run LISA and its family (JAX/Flax).", "", "modes (--config.mode=MODE):"]
+  lines += [f"  {m:<8} {h}" for m, h in MODE_HELP.items()]
+  lines += ["", "flags:",
+            f"  {'--config FILE.py[:ARG]':<{width}}  config file (default {os.path.relpath(DEFAULT_CONFIG)}); "
+            "relative to the working directory, else the packaged configs/",
+            f"  {'--workdir DIR':<{width}}  run directory (default ./{default_workdir(spec)})",
+            "", f"main fields of {spec} (any field: --config.a.b=VALUE; an unknown key is an error):"]
+  for k in HELP_FIELDS:
+    if k in values:
+      lines.append(f"  {'--config.' + k:<{width}}  {values[k]!r}")
+  lines += ["", "examples:",
+            f"  {prog} --config configs/lisa_tiny.py:runlocal --workdir /tmp/lisa      # a 4-step smoke run",
+            f"  {prog} --config configs/lisa_tiny.py --workdir W --config.mode=segment "
+            "--config.image=a.jpg --config.prompt='Which shape is red? Please output segmentation mask.'",
+            "", "--helpfull lists every absl flag (logging etc.)."]
+  return "\n".join(lines) + "\n"
+
+
+def _fail(prog: str, msg: str) -> None:
+  sys.stderr.write(f"{prog}: error: {msg}\n")
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Validate the config and its --config.* overrides (clean exit 2), print --help, then define
+  the --config flag (its default is loaded, with argv's overrides, at definition) and let absl parse."""
+  prog = os.path.basename(argv[0])
+  argv = _resolve_argv(argv)
+  spec = _config_spec(argv)
+  try:
+    config = cfg_lib.load_config(spec)
+    cfg_lib.validate_overrides(config, argv)
+  except cfg_lib.ConfigError as e:
+    _fail(prog, str(e))
+  if any(a in ("-h", "--help", "-help", "--h") for a in argv[1:]):
+    sys.stdout.write(help_text(prog, spec, config))
+    sys.exit(0)
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  if "config" not in flags.FLAGS:
+    config_flags.DEFINE_config_file(
+        "config", default=resolve_spec(DEFAULT_CONFIG),
+        help_string="config file, 'path.py' or 'path.py:arg' (get_config(arg)); override fields with --config.a.b=v")
+  if "workdir" not in flags.FLAGS:
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, config); default ./workdir/<config name>")
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(prog, f"{e}\nPass --help to see the flags.")
+  return []
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress: a tqdm bar on a terminal, one line per log interval otherwise.
+
+def _isatty(stream) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):
+    return False
+
+
+class Progress:
+  """A progress display of `total` units: tqdm when stdout is a terminal; else a plain line each
+  `every` units (and at the end) so that logs hold no carriage-return frames."""
+
+  def __init__(self, total: int, desc: str, unit: str, initial: int = 0, every: int | None = None):
+    self.total, self.desc, self.unit, self.n, self.postfix = total, desc, unit, initial, ""
+    self.every = every or max(1, total // 10)
+    self.tty = _isatty(sys.stdout)
+    self.bar = None
+    if self.tty:
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, smoothing=0.1,
+                      file=sys.stdout)
+    import time  # pylint: disable=import-outside-toplevel
+    self._time, self._t0, self._n0 = time.time, time.time(), initial
+
+  def update_to(self, n: int) -> None:
+    prev, self.n = self.n, n
+    if self.bar is not None:
+      self.bar.update(n - prev)
+
+  def set_postfix(self, text: str) -> None:
+    self.postfix = text
+    if self.bar is not None:
+      self.bar.set_postfix_str(text, refresh=False)
+
+  def line(self) -> None:
+    """The non-terminal progress line (call once per log interval)."""
+    if self.tty:
+      return
+    elapsed = self._time() - self._t0
+    done = self.n - self._n0
+    eta = elapsed / done * (self.total - self.n) if done > 0 else float("nan")
+    eta_s = f"{int(eta // 60)}:{int(eta % 60):02d}" if eta == eta else "?"
+    print(f"{self.desc} {self.n}/{self.total} {self.unit}s ({100 * self.n / max(self.total, 1):.0f}%, "
+          f"{int(elapsed // 60)}:{int(elapsed % 60):02d} elapsed, ETA {eta_s})"
+          + (f" {self.postfix}" if self.postfix else ""), flush=True)
+
+  def tick(self, n: int) -> None:
+    """update_to(n), with a line every `every` units when not on a terminal."""
+    self.update_to(n)
+    if n % self.every == 0 or n == self.total:
+      self.line()
+
+  def write(self, text: str) -> None:
+    if self.bar is not None:
+      self.bar.write(text)
+    else:
+      print(text, flush=True)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Modes.
+
+class _TrainProgress:
+  """Trainer hooks: a progress display (loss, lr, step time, ETA), a run summary, and every logged
+  metric as TensorBoard scalars in workdir/tensorboard (tensorboardX; no TensorFlow needed)."""
+
+  def __init__(self, workdir: str):
+    self.workdir, self.bar = workdir, None
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def _scalars(self, step, metrics):
+    for k, v in metrics.items():
+      self.tb.add_scalar(k, float(v), int(step))
+    self.tb.flush()
+
+  def on_start(self, step, total_steps, info):
+    width = max(len(k) for k in info) + 1
+    lines = [f"  {k + ':':<{width}} {v}" for k, v in info.items()]
+    print(f"train {self.workdir}" + (f" (resuming at step {step})" if step else ""), *lines, sep="\n", flush=True)
+    self.bar = Progress(total_steps, "train", "step", initial=step)
+
+  def on_step(self, step):
+    self.bar.update_to(step)
+
+  def on_log(self, step, metrics):
+    self._scalars(step, metrics)
+    self.bar.set_postfix(f"loss={metrics['train/loss']:.4f} lr={metrics['train/lr']:.2e} "
+                         f"step={metrics['train/step_time'] * 1e3:.0f}ms")
+    self.bar.line()
+
+  def on_eval(self, step, metrics):
+    self._scalars(step, metrics)
+    self.bar.write(f"step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+  def on_checkpoint(self, step):
+    pass
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+    self.tb.close()
+
+
+def run_train(config, workdir: str) -> None:
+  from jaxlisa import parallel  # pylint: disable=import-outside-toplevel
+  from jaxlisa.training.trainer import Hooks, Trainer  # pylint: disable=import-outside-toplevel
+  trainer = Trainer(config, workdir)
+  bar = _TrainProgress(workdir) if parallel.is_primary() else Hooks()  # one progress display / event file per run
+  try:
+    result = trainer.fit(bar)
+  finally:
+    bar.close()
+    trainer.close()
+  if result["step"] == result["start_step"]:
+    print(f"nothing to do: {workdir} is at step {result['step']} of {config.total_steps}")
+    return
+  tr, ev = result["train"], result["eval"]
+  parts = [f"done: step {result['step']}/{config.total_steps} in {result['seconds']:.1f} s",
+           f"train loss {tr.get('train/loss', float('nan')):.4f}"]
+  parts += [f"{k} {v:.4f}" for k, v in ev.items()]
+  print(" | ".join(parts + [f"workdir {workdir}"]), flush=True)
+
+
+def _log_to_workdir(workdir: str) -> None:
+  """Full logs go to workdir/main.INFO (absl log files); the console gets warnings and errors,
+  so the progress display stays readable. --logtostderr / --alsologtostderr keep absl's behaviour."""
+  if flags.FLAGS.logtostderr or flags.FLAGS.alsologtostderr:
+    return
+  logging.get_absl_handler().use_absl_log_file("main", workdir)
+  if not flags.FLAGS["stderrthreshold"].present:
+    flags.FLAGS.stderrthreshold = "warning"
+
+
+def _inference_params(config, workdir: str):
+  """(task, params, step, mesh, rules) for eval / segment: params only (inference_params)."""
+  from jaxlisa import tasks  # pylint: disable=import-outside-toplevel
+  from jaxlisa.training import inference_params as ip  # pylint: disable=import-outside-toplevel
+  print(f"loading weights ({'checkpoint in ' + workdir if ip.ckpt_lib.find_params(workdir) else 'init.pretrained'})",
+        flush=True)
+  mesh, rules = ip.setup(config)
+  task = tasks.get_task(config, workdir)
+  params, step = ip.task_params(task, config, workdir, mesh, rules)
+  return task, params, step, mesh, rules
+
+
+def _check_weights(config, workdir: str) -> None:
+  from jaxlisa.training import inference_params as ip  # pylint: disable=import-outside-toplevel
+  try:
+    spec = _config_spec(sys.argv)
+    ip.check_weights(config, workdir, config_spec=os.path.relpath(spec) if os.path.isabs(spec) else spec)
+  except ip.NoWeightsError as e:
+    _fail(os.path.basename(sys.argv[0]), str(e))
+
+
+def run_eval(config, workdir: str) -> None:
+  """Validation only (the official --eval_only): metrics of the latest checkpoint's params."""
+  from jaxlisa.training import inference_params as ip  # pylint: disable=import-outside-toplevel
+  task, params, step, mesh, rules = _inference_params(config, workdir)
+  total = None
+  try:
+    data = task.eval_data()
+    total = len(data) if data is not None and hasattr(data, "__len__") else None
+  except TypeError:
+    pass
+  bar = Progress(total or 0, "eval", "batch") if total else None
+  orig = task.eval_data
+  task.eval_data = lambda: data  # the pass built above
+  try:
+    metrics = ip.evaluate(task, params, config, mesh, rules, progress=bar.tick if bar else None)
+  finally:
+    task.eval_data = orig
+    if bar:
+      bar.close()
+  print(f"eval at step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+
+
+def run_segment(config, workdir: str) -> None:
+  """Segment images from questions: --config.image=a.jpg[,b.jpg] --config.prompt="q1[||q2]".
+  Prints each answer and writes {name}_mask_{k}.png and {name}_overlay_{k}.png per [SEG]."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from jaxlisa.data.preprocess import ImageError, load_image  # pylint: disable=import-outside-toplevel
+  from jaxlisa.inference import segment as seg_lib  # pylint: disable=import-outside-toplevel
+  prog = os.path.basename(sys.argv[0])
+  paths = [p for p in config.image.split(",") if p]
+  prompts = [p for p in config.prompt.split("||") if p.strip()]
+  if not paths or not prompts:
+    _fail(prog, "segment mode needs --config.image=PATH[,PATH...] and --config.prompt=TEXT[||TEXT...]")
+  if len(prompts) == 1:
+    prompts = prompts * len(paths)
+  if len(paths) == 1:
+    paths = paths * len(prompts)
+  if len(paths) != len(prompts):
+    _fail(prog, f"{len(paths)} images for {len(prompts)} prompts")
+  try:
+    images = [load_image(p) for p in paths]
+  except (ImageError, FileNotFoundError) as e:
+    _fail(prog, str(e))
+  task, params, step, _, _ = _inference_params(config, workdir)
+  out_dir = config.segment_dir or os.path.join(workdir, "segment")
+  os.makedirs(out_dir, exist_ok=True)
+  col = config.data.collate
+  bar = Progress(len(images), "segment", "image", every=1)
+  results = []
+  try:
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+      results += seg_lib.segment(task.model, params, task.tokenizer, [image], [prompt],
+                                 max_new_tokens=config.max_new_tokens, conv_type=col.conv_type,
+                                 use_mm_start_end=col.use_mm_start_end, max_length=col.model_max_length)
+      bar.tick(i + 1)
+  except seg_lib.PromptTooLongError as e:
+    bar.close()
+    _fail(prog, str(e))
+  bar.close()
+  for i, (path, prompt, image, res) in enumerate(zip(paths, prompts, images, results)):
+    name = f"{i}_{os.path.splitext(os.path.basename(path))[0]}"
+    print(f"[{path}] {prompt}\n  answer: {res.text}")
+    if not res.has_seg:
+      print("  no [SEG] in the answer: no mask")
+    for k, m in enumerate(res.masks):
+      Image.fromarray((m * 255).astype(np.uint8)).save(os.path.join(out_dir, f"{name}_mask_{k}.png"))
+      Image.fromarray(seg_lib.overlay(image, m)).save(os.path.join(out_dir, f"{name}_overlay_{k}.png"))
+      print(f"  mask {k}: {int(m.sum())} pixels -> {out_dir}/{name}_mask_{k}.png, {name}_overlay_{k}.png")
+  print(f"(weights from step {step} of {workdir})" if step else "(weights from init.pretrained / init)")
+
+
+MODES = {
+    "train": run_train,
+    "eval": run_eval,
+    "segment": run_segment,
+}
+
+
+def main(argv):
+  prog = os.path.basename(argv[0])
+  if len(argv) > 1:
+    _fail(prog, f"unexpected arguments: {' '.join(argv[1:])}")
+  config = flags.FLAGS.config
+  mode = config.get("mode", "train")
+  if mode not in MODES:
+    _fail(prog, f"unknown config.mode {mode!r}; known: {', '.join(MODES)}")
+  workdir = flags.FLAGS.workdir or default_workdir(_config_spec(sys.argv))
+  if mode != "train":
+    _check_weights(config, workdir)  # before anything is built or written
+  from jaxlisa.parallel import distributed  # pylint: disable=import-outside-toplevel
+  distributed.initialize(config.get("distributed"))  # multi-host: before any JAX computation
+  # process 0 writes config.json; other modes read a run's workdir and leave its config.json as it is
+  if mode == "train" and distributed.is_primary():
+    previous = cfg_lib.read_config(workdir)
+    if previous is not None:
+      changed = cfg_lib.diff(previous, cfg_lib.to_dict(config))
+      if changed:
+        logging.warning("config differs from the previous run in %s: %s", workdir,
+                        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+    cfg_lib.write_config(config, workdir, sys.argv)
+  else:
+    os.makedirs(workdir, exist_ok=True)
+  _log_to_workdir(workdir)
+  logging.info("mode %s, workdir %s", mode, workdir)
+  MODES[mode](config, workdir)
+
+
+def run() -> None:
+  """The console entry point."""
+  quiet_logs()
+  app.run(main, flags_parser=parse_flags)
