@@ -33,6 +33,7 @@ class GenerateOutput:
   tokens: jax.Array  # [B, N] new tokens (pad after a row finished)
   lengths: jax.Array  # [B] number of tokens generated per row, eos included
   last_hidden: jax.Array | None = None  # [B, N, D] final-normed hidden state that produced each token
+  prompt_hidden: jax.Array | None = None  # [B, P, D] final-normed hidden states of the prompt (prefill)
 
 
 def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int = 0):
@@ -82,14 +83,15 @@ def _filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: flo
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "stop_ids", "pad_token_id",
                                              "do_sample", "temperature", "top_k", "top_p", "streamer",
-                                             "collect_hidden", "repetition_penalty", "min_new_tokens"))
+                                             "collect_hidden", "repetition_penalty", "min_new_tokens",
+                                             "collect_prompt_hidden"))
 def generate(module, params, input_ids: jax.Array | None, attention_mask: jax.Array, *,
              inputs_embeds: jax.Array | None = None, max_new_tokens: int = 32,
              stop_ids: Sequence[int] = (), pad_token_id: int = 0, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              rng: jax.Array | None = None, streamer: Callable | None = None,
              collect_hidden: bool = False, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
-             penalty_ids: jax.Array | None = None) -> GenerateOutput:
+             penalty_ids: jax.Array | None = None, collect_prompt_hidden: bool = False) -> GenerateOutput:
   """Decode up to `max_new_tokens` after a left-padded prompt.
 
   input_ids [B, P] (or inputs_embeds [B, P, D]); attention_mask [B, P] (1 = real token).
@@ -100,6 +102,7 @@ def generate(module, params, input_ids: jax.Array | None, attention_mask: jax.Ar
   input_ids after each row's left padding, as HF 5; nothing with inputs_embeds alone, as HF) and
   the generated tokens;
   min_new_tokens blocks every stop id until that many tokens are out (HF's min_new_tokens).
+  collect_prompt_hidden also returns the prefill's final-normed hidden states ([B, P, D]).
   """
   c = module.config
   variables = {"params": params}
@@ -168,4 +171,5 @@ def generate(module, params, input_ids: jax.Array | None, attention_mask: jax.Ar
   is_stop = jnp.any(tokens[..., None] == stop[None, None, :], axis=-1)
   first_stop = jnp.where(jnp.any(is_stop, 1), jnp.argmax(is_stop, 1) + 1, max_new_tokens)
   return GenerateOutput(tokens=tokens, lengths=first_stop.astype(jnp.int32),
-                        last_hidden=hidden if collect_hidden else None)
+                        last_hidden=hidden if collect_hidden else None,
+                        prompt_hidden=out.last_hidden_state if collect_prompt_hidden else None)
