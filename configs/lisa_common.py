@@ -25,6 +25,8 @@ def lisa_config(text: dict, vision: dict, sam: dict, out_dim: int = 256) -> ml_c
       point_prompt_loss_weight=0.0))
   config.init = ml_collections.ConfigDict(dict(
       pretrained="", clip="",  # a LISA checkpoint (converted or official) and, for official ones, CLIP
+      # SAM's mask-decoder heads for an official checkpoint / compose.sam .pth (0 = SAM's 8, with a warning)
+      sam_decoder_num_heads=0,
       compose=dict(llava="", clip="", sam="", tokenizer="")))  # or LISA from parts (train_ds.py's start)
   config.data = ml_collections.ConfigDict(dict(
       base_dir="", dataset="sem_seg||refer_seg||vqa||reason_seg", sample_rates="9,3,3,1",

@@ -112,6 +112,25 @@ def test_greedy_sampler_matches_hf_greedy(pair):
   np.testing.assert_array_equal(np.asarray(seqs)[:, :want.shape[1]], want)
 
 
+def test_num_beams_1_is_hf_greedy(pair):
+  """num_beams=1 is HF's greedy decoding: the repetition penalty on raw logits (not log-probs),
+  finished rows padded with pad (not eos); 9 rows over three image batches, token for token."""
+  ref, conv, module, _ = pair
+  kw = dict(num_beams=1, max_length=16, min_length=6, repetition_penalty=1.3)
+  rows = same = 0
+  for seed in (1, 2, 3):
+    x, xt = _pixels(3, seed=seed)
+    want = _hf_generate(ref, xt, do_sample=False, **kw)
+    seqs, lengths = B.generate(module, conv.params, x, jnp.asarray(PROMPT), **kw)
+    got = np.asarray(seqs)[:, :want.shape[1]]
+    rows += len(want)
+    same += int((got == want).all(1).sum())
+    np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}")
+    ends = PROMPT.shape[1] + np.asarray(lengths)
+    assert all((np.asarray(seqs)[r, ends[r]:] == 0).all() for r in range(3))  # pad after the end
+  assert same == rows == 9
+
+
 def test_nucleus_sampling_is_seeded_and_stays_in_the_nucleus(pair):
   _, conv, module, _ = pair
   x, _ = _pixels(3, seed=2)

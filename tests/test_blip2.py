@@ -118,6 +118,34 @@ def test_opt_greedy_captions_match_hf(opt_pair):
   np.testing.assert_array_equal(np.asarray(got.tokens)[:, :want.shape[1]], want)
 
 
+def test_opt_captions_with_lavis_generate_arguments_match_hf(opt_pair):
+  """LAVIS Blip2OPT.generate's repetition_penalty / min_length (new tokens) / length_penalty through
+  generate_captions, and beam_captions(num_beams=1), against HF greedy with the same processors."""
+  ref, conv, module, _ = opt_pair
+  x, xt = _pixels(2, seed=1)
+  eos = 5
+  hf_ids = torch.tensor([[IMAGE_TOKEN] * NQ + [2]] * 2)
+  prompt, pmask = jnp.full((2, 1), 2, jnp.int32), jnp.ones((2, 1), jnp.int32)
+  for rp, mn in ((1.3, 0), (1.3, 3), (0.8, 2)):
+    got = B2.generate_captions(module, conv.params, x, prompt, pmask, max_new_tokens=10, eos_token_id=eos,
+                               pad_token_id=1, repetition_penalty=rp, min_length=mn, length_penalty=1.0)
+    with torch.no_grad():
+      want = ref.generate(pixel_values=xt, input_ids=hf_ids, max_new_tokens=10, do_sample=False, eos_token_id=eos,
+                          pad_token_id=1, repetition_penalty=rp, min_new_tokens=mn).numpy()
+    if want.shape[1] > 10:  # prompt ids returned in front of the new tokens
+      want = want[:, NQ + 1:]
+    np.testing.assert_array_equal(np.asarray(got.tokens)[:, :want.shape[1]], want, err_msg=str((rp, mn)))
+    seqs, lengths = B2.beam_captions(module, conv.params, x, prompt, pmask, num_beams=1, max_new_tokens=10,
+                                     eos_ids=(eos,), fill_value=1, min_new_tokens=mn, repetition_penalty=rp)
+    with torch.no_grad():
+      full = ref.generate(pixel_values=xt, input_ids=hf_ids, max_new_tokens=10, num_beams=1, do_sample=False,
+                          eos_token_id=eos, pad_token_id=1, repetition_penalty=rp, min_new_tokens=mn).numpy()
+    if full.shape[1] > 10:
+      full = full[:, NQ + 1:]
+    np.testing.assert_array_equal(full, want)
+    np.testing.assert_array_equal(np.asarray(seqs)[:, NQ + 1:NQ + 1 + want.shape[1]], want)
+
+
 def test_opt_beam_captions_match_hf(opt_pair):
   ref, conv, module, _ = opt_pair
   x, xt = _pixels(2, seed=1)
@@ -389,6 +417,12 @@ def test_qformer_captions_decode_the_lm_head(lavis_stage1):
     n = int(lengths[r])
     np.testing.assert_array_equal(seqs[r, :1 + n], ids[r, :1 + n])
     assert n == 6 or seqs[r, n] == sep
+  # num_beams=1 is greedy decoding (HF): the penalty on raw logits, like the top_p -> 0 sampler
+  kw = dict(max_length=7, min_length=4, repetition_penalty=1.3)
+  greedy = B2.qformer_captions(module, conv.params, x, num_beams=1, **kw)
+  nucleus = B2.qformer_captions(module, conv.params, x, use_nucleus_sampling=True, top_p=1e-6, **kw)
+  for a, b in zip(greedy, nucleus):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   beams, blen = B2.qformer_captions(module, conv.params, x, num_beams=2, max_length=7, min_length=4)
   assert (np.asarray(beams)[:, 0] == dec).all() and (np.asarray(blen) + 1 >= 4).all()
 

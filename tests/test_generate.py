@@ -78,3 +78,47 @@ def test_left_pad():
   ids, mask = left_pad(np.array([[1, 2, 0], [3, 0, 0]]), np.array([[1, 1, 0], [1, 0, 0]]), pad_id=9)
   np.testing.assert_array_equal(ids, [[9, 1, 2], [9, 9, 3]])
   np.testing.assert_array_equal(mask, [[0, 1, 1], [0, 0, 1]])
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+  import transformers as tf
+  from jaxlisa.conversion.convert import convert_checkpoint
+  torch.manual_seed(0)
+  ref = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                           bos_token_id=1, eos_token_id=2)).eval()
+  with torch.no_grad():  # a peaked model that repeats itself: the penalty changes the greedy path
+    for n, t in ref.named_parameters():
+      t.mul_(8.0 if n.endswith("embed_tokens.weight") or "lm_head" in n else 1.0)
+  d = str(tmp_path_factory.mktemp("llama"))
+  ref.save_pretrained(d)
+  conv = convert_checkpoint(d)
+  return ref, llm.DecoderLM(conv.config), conv.params
+
+
+def test_repetition_penalty_and_min_new_tokens_match_hf(hf_llama):
+  ref, m, p = hf_llama
+  ids, mask = left_pad(np.array([[1, 5, 9, 4, 7, 3], [1, 8, 8, 0, 0, 0], [1, 11, 0, 0, 0, 0]]),
+                       np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]]))
+  run = lambda **kw: np.asarray(generate(m, p, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=12,
+                                         pad_token_id=0, **kw).tokens)
+  plain = run()
+  eos = int(plain[0, 1])  # a token greedy decoding emits early: min_new_tokens has something to block
+
+  def hf(**kw):
+    with torch.no_grad():
+      out = ref.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12, do_sample=False,
+                         pad_token_id=0, **kw)
+    return out[:, ids.shape[1]:].numpy()
+
+  for kw in (dict(repetition_penalty=1.3), dict(repetition_penalty=0.7),
+             dict(repetition_penalty=1.3, min_new_tokens=4)):
+    want = hf(eos_token_id=eos, **kw)
+    got = run(stop_ids=(eos,), **kw)
+    np.testing.assert_array_equal(got[:, :want.shape[1]], want, err_msg=str(kw))
+  assert not np.array_equal(run(repetition_penalty=1.3), plain)  # the penalty mattered
+  got = run(stop_ids=(eos,), min_new_tokens=4)
+  assert not (got[:, :4] == eos).any()
+  np.testing.assert_array_equal(got[:, :hf(eos_token_id=eos, min_new_tokens=4).shape[1]],
+                                hf(eos_token_id=eos, min_new_tokens=4))

@@ -171,3 +171,46 @@ def test_sample_mask_points_land_inside_their_masks():
       x, y = np.asarray(pts[i, j, 0]) * orig_hw[i, ::-1] / resize_hw[i, ::-1] - 0.5  # back to pixels
       assert np.allclose([x, y], np.round([x, y]), atol=1e-4)
       assert gt[i, j, 0, int(round(y)), int(round(x))] == 1
+
+
+def _forced_masks(model, params, tok, im, ids, k):
+  """Lisa.__call__ (the official forward) on one full sequence -> pred_masks [k, H, W]."""
+  from jaxlisa.data import tokenization as tok_lib  # pylint: disable=import-outside-toplevel
+  from jaxlisa.data.preprocess import clip_preprocess, sam_preprocess  # pylint: disable=import-outside-toplevel
+  c = model.config
+  ids = tok_lib.expand_image_tokens(ids, None, c.num_image_tokens, c.llava.image_token_index).input_ids
+  sam_px, resize = sam_preprocess(im, c.sam.img_size)
+  out = lisa_lib.Lisa(c.replace(max_seg_per_conversation=k)).apply(
+      {"params": params}, jnp.asarray(ids)[None, None], jnp.ones((1, 1, len(ids)), jnp.int32),
+      jnp.asarray(clip_preprocess(im, c.llava.vision.image_size, c.llava.vision.image_size))[None],
+      jnp.asarray(sam_px)[None], jnp.asarray([resize]), jnp.asarray([im.shape[:2]]), mask_shape=tuple(im.shape[:2]))
+  assert bool(np.asarray(out.seg_valid).all())
+  return np.asarray(out.pred_masks[0, 0])
+
+
+def test_prompt_seg_masks_and_prefilled_answers_equal_the_official_forward(forced_seg_model):
+  """prompt_seg_masks=True: a [SEG] standing in the prompt gets a mask too (the official evaluate(),
+  LISA issue #145), ahead of the generated ones; answers=: teacher-forced masks of a pre-filled
+  assistant turn. Both equal Lisa.__call__ on the same full sequence."""
+  from jaxlisa.data import tokenization as tok_lib  # pylint: disable=import-outside-toplevel
+  model, params, tok, img = forced_seg_model
+  c = model.config
+  im = np.ascontiguousarray(img[:48, :40])
+  q = "Is [SEG] the circle?"
+  prompt_ids = tok_lib.tokenizer_image_token(seg_lib.build_prompt(q), tok)
+  assert prompt_ids.count(c.seg_token_idx) == 1
+  (plain,) = seg_lib.segment(model, params, tok, [im], [q], max_new_tokens=2, max_length=256)
+  (full,) = seg_lib.segment(model, params, tok, [im], [q], max_new_tokens=2, max_length=256, prompt_seg_masks=True)
+  assert plain.masks.shape[0] == 2 and full.masks.shape[0] == 3 and full.text == plain.text
+  want = _forced_masks(model, params, tok, im, prompt_ids + [c.seg_token_idx] * 2, 3)
+  np.testing.assert_allclose(full.mask_logits, want, atol=1e-4)
+  np.testing.assert_allclose(plain.mask_logits, want[1:], atol=1e-4)
+  # a pre-filled answer: nothing generated, every [SEG] of the answer (and, with the option, of the prompt)
+  answer = "It is [SEG] and [SEG]."
+  forced_ids = tok_lib.tokenizer_image_token(seg_lib.build_prompt(q, answer=answer), tok)
+  want = _forced_masks(model, params, tok, im, forced_ids, 3)
+  (tf_all,) = seg_lib.segment(model, params, tok, [im], [q], answers=[answer], max_length=256, prompt_seg_masks=True)
+  (tf_ans,) = seg_lib.segment(model, params, tok, [im], [q], answers=[answer], max_length=256)
+  assert tf_all.text == answer and tf_all.masks.shape[0] == 3 and tf_ans.masks.shape[0] == 2
+  np.testing.assert_allclose(tf_all.mask_logits, want, atol=1e-4)
+  np.testing.assert_allclose(tf_ans.mask_logits, want[1:], atol=1e-4)

@@ -169,3 +169,43 @@ def test_initializer_range_sets_every_kernel_and_embedding_std():
                             "layers/mlp/down_proj/kernel"}
   for k, s in stds[0.1].items():
     assert abs(s / 0.1 - 1) < 0.1 and abs(stds[0.02][k] / 0.02 - 1) < 0.1, (k, s, stds[0.02][k])
+
+
+def test_qwen2_sliding_window_only_on_layers_from_max_window_layers():
+  """transformers' Qwen2 slides only the layers >= max_window_layers (its layer_types); the
+  window shorter than the sequence makes the full-attention layer differ."""
+  torch.manual_seed(2)
+  ref = _perturb(tf.Qwen2ForCausalLM(tf.Qwen2Config(
+      vocab_size=V, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=112,
+      num_key_value_heads=2, use_sliding_window=True, sliding_window=3, max_window_layers=1,
+      pad_token_id=0, eos_token_id=2))).eval()
+  assert ref.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+  d = tempfile.mkdtemp()
+  ref.save_pretrained(d)
+  conv = convert_checkpoint(d)
+  assert conv.config.layer_types == ("full_attention", "sliding_attention", "sliding_attention")
+  assert conv.config.window_layers == (False, True, True) and conv.config.sliding_window == 3
+  ids, mask = _batch(5, t=12)
+  with torch.no_grad():
+    want = ref(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+  for cfg in (conv.config, conv.config.replace(scan_layers=False)):
+    params = conv.params
+    if not cfg.scan_layers:
+      params = dict(params)
+      layers = params.pop("layers")
+      for i in range(3):
+        params[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], layers)
+    out = llm.DecoderLM(cfg).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+    assert max_abs_diff(out.logits, want, mask) <= 1e-4, cfg.scan_layers
+  # the window on every layer (the former conversion) is measurably wrong here
+  every = llm.DecoderLM(conv.config.replace(layer_types=None)).apply(
+      {"params": conv.params}, jnp.asarray(ids), jnp.asarray(mask))
+  assert max_abs_diff(every.logits, want, mask) > 1e-2
+  # the KV-cache path (generation) uses the same per-layer masks
+  lids, lmask = left_pad(ids, mask)
+  got = generate(llm.DecoderLM(conv.config), conv.params, jnp.asarray(lids), jnp.asarray(lmask), max_new_tokens=8,
+                 stop_ids=(2,), pad_token_id=0)
+  with torch.no_grad():
+    hf = ref.generate(torch.tensor(lids), attention_mask=torch.tensor(lmask), max_new_tokens=8, do_sample=False,
+                      pad_token_id=0, eos_token_id=2)[:, lids.shape[1]:].numpy()
+  np.testing.assert_array_equal(np.asarray(got.tokens)[:, :hf.shape[1]], hf)

@@ -10,6 +10,7 @@ A converted directory is self-describing:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -48,13 +49,21 @@ class Converted:
 
 def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float32",
                        config_overrides: dict | None = None, progress=None) -> Converted:
-  """Read a PyTorch/HF checkpoint (file or directory) into jaxlisa params (numpy, in memory)."""
+  """Read a PyTorch/HF checkpoint (file or directory) into jaxlisa params (numpy, in memory).
+
+  config_overrides: model-config fields replacing what was read or assumed (e.g. SAM's
+  {"decoder_num_heads": 4}, which a .pth cannot say); a family whose config_from_hf takes
+  `overrides` sees them while it reads the shapes."""
   source = open_checkpoint(src)
   cfg_json = read_config_json(src)
   fam = registry.get_family(family) if family else registry.detect_family(cfg_json, source.keys())
   if fam.open_source is not None:
     source = fam.open_source(src)
-  model_config = fam.config_from_hf(cfg_json, source)
+  if config_overrides and "overrides" in inspect.signature(fam.config_from_hf).parameters:
+    # families whose config cannot be read entirely off the checkpoint (SAM's decoder heads)
+    model_config = fam.config_from_hf(cfg_json, source, overrides=dict(config_overrides))
+  else:
+    model_config = fam.config_from_hf(cfg_json, source)
   if config_overrides:
     model_config = dataclasses.replace(model_config, **config_overrides)
   expected = registry.abstract_params(fam, model_config)

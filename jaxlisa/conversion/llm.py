@@ -43,11 +43,17 @@ def config_from_hf(cfg: dict[str, Any]) -> DecoderConfig:
                 pad_token_id=cfg.get("pad_token_id"),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", mt in ("opt",))))
   if mt in ("llama", "mistral", "qwen2"):
-    sliding = None
+    sliding, layer_types = None, None
     if mt == "mistral":
       sliding = cfg.get("sliding_window")
-    elif mt == "qwen2" and cfg.get("use_sliding_window"):
-      sliding = cfg.get("sliding_window")
+    elif mt == "qwen2" and cfg.get("use_sliding_window") and cfg.get("sliding_window") is not None:
+      # transformers' Qwen2: only the "sliding_attention" layers slide (default: layers >= max_window_layers)
+      sliding = cfg["sliding_window"]
+      n = cfg["num_hidden_layers"]
+      layer_types = tuple(cfg.get("layer_types") or [
+          "sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention" for i in range(n)])
+      if "sliding_attention" not in layer_types:
+        sliding, layer_types = None, None
     bias = bool(cfg.get("attention_bias", False))
     return DecoderConfig(
         family=mt, intermediate_size=cfg["intermediate_size"],
@@ -56,7 +62,8 @@ def config_from_hf(cfg: dict[str, Any]) -> DecoderConfig:
         rope_theta=_rope_theta(cfg), rope_scaling_factor=_rope_linear_factor(cfg),
         norm_eps=cfg.get("rms_norm_eps", 1e-6), hidden_act=cfg.get("hidden_act", "silu"),
         attention_bias=True if mt == "qwen2" else bias, o_proj_bias=bias if mt == "llama" else False,
-        mlp_bias=bool(cfg.get("mlp_bias", False)), sliding_window=sliding, **common)
+        mlp_bias=bool(cfg.get("mlp_bias", False)), sliding_window=sliding, layer_types=layer_types,
+        **common)
   if mt == "qwen":
     heads = cfg["num_attention_heads"]
     return DecoderConfig(

@@ -18,6 +18,7 @@ import re
 from typing import Sequence
 
 import jax.numpy as jnp
+from absl import logging
 
 from jaxlisa.conversion.checkpoint_io import CheckpointError
 from jaxlisa.conversion.keymap import CONV, CONV_TRANSPOSE, FLAT, LINEAR, LINEAR_IN2, Rule
@@ -184,7 +185,8 @@ def infer_config(src, prefix: str | None = None, **overrides) -> SamConfig:
 
   Heads come from the rel-pos tables ([2 s - 1, head_dim]); a block is global when its table
   spans the whole grid (2 g - 1), windowed otherwise (window = (L + 1) / 2). The decoder's head
-  count cannot be read off shapes; it is SAM's 8 unless overridden."""
+  count cannot be read off shapes; it is SAM's 8 unless overridden (`decoder_num_heads`), with a
+  warning when assumed. The converted directory's jaxlisa_config.json records the value used."""
   keys = src.keys()
   p = find_prefix(keys) if prefix is None else prefix
   ie, pe, md = f"{p}image_encoder.", f"{p}prompt_encoder.", f"{p}mask_decoder."
@@ -221,6 +223,11 @@ def infer_config(src, prefix: str | None = None, **overrides) -> SamConfig:
       attention_downsample_rate=prompt_dim // q_out, num_multimask_outputs=n_masks - 1,
       iou_head_depth=len(_indices(keys, re.escape(md) + r"iou_prediction_head\.layers\.(\d+)\.")),
       iou_head_hidden_dim=shape(md + "iou_prediction_head.layers.0.weight")[0])
+  if "decoder_num_heads" not in overrides:
+    logging.warning("SAM checkpoint (keys under %r): a .pth cannot say its mask decoder's head count; assuming %d (every "
+                    "released SAM). If yours differs, pass decoder_num_heads in the overrides (converter "
+                    "--override decoder_num_heads=N, main.py --config.init.sam_decoder_num_heads=N)",
+                    p, SamConfig.decoder_num_heads)
   cfg.update(overrides)
   return SamConfig(**cfg)
 
@@ -278,9 +285,10 @@ def _detect_hf(cfg, keys) -> bool:
       any_key(keys, r"^mask_decoder\.")
 
 
-def _sam_config(cfg, src) -> SamConfig:
+def _sam_config(cfg, src, overrides: dict | None = None) -> SamConfig:
+  """overrides: the caller's SamConfig fields, seen before the shapes are read (decoder_num_heads)."""
   del cfg
-  return infer_config(src)
+  return infer_config(src, **(overrides or {}))
 
 
 def _hf_config(cfg, src) -> SamConfig:

@@ -4,7 +4,10 @@ Prompts are left-padded ([B, P], `left_pad` converts right-padded batches). One 
 fills the cache for all P slots, then a `lax.while_loop` decodes one token per step into slots
 P, P+1, ... until every row has produced an eos/stop id or `max_new_tokens` is reached. Rows that
 finished emit `pad_token_id`, as HF `generate` does. Greedy decoding equals HF's token for token;
-sampling applies temperature, then top-k, then top-p (HF's warper order).
+HF's logits processors come first, on the raw logits: the repetition penalty
+(RepetitionPenaltyLogitsProcessor: over the prompt ids after the left padding, and the tokens
+generated so far) and `min_new_tokens` (MinNewTokensLengthLogitsProcessor: stop ids blocked until that many
+new tokens); sampling then applies temperature, top-k, top-p (HF's warper order).
 
 The model is any module with DecoderLM's calling convention (`input_ids | inputs_embeds`,
 `attention_mask` over cache slots, `cache`, `cache_index`, `return_logits`) and a `logits`
@@ -30,6 +33,7 @@ class GenerateOutput:
   tokens: jax.Array  # [B, N] new tokens (pad after a row finished)
   lengths: jax.Array  # [B] number of tokens generated per row, eos included
   last_hidden: jax.Array | None = None  # [B, N, D] final-normed hidden state that produced each token
+  prompt_hidden: jax.Array | None = None  # [B, P, D] final-normed hidden states of the prompt (prefill)
 
 
 def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int = 0):
@@ -42,6 +46,21 @@ def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int = 0)
       ids[b, -len(real):] = real
       mask[b, -len(real):] = 1
   return ids, mask
+
+
+def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
+  """HF RepetitionPenaltyLogitsProcessor on raw logits [B, V]: tokens marked in seen [B, V] are
+  multiplied by penalty where negative, divided by it where positive."""
+  if penalty == 1.0:
+    return logits
+  return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def mark_seen(seen: jax.Array, ids: jax.Array) -> jax.Array:
+  """seen [B, V] bool with ids [B, N] set (ids outside [0, V), e.g. -1, are ignored)."""
+  b, v = seen.shape
+  idx = jnp.where((ids >= 0) & (ids < v), ids, v)
+  return jnp.zeros((b, v + 1), bool).at[:, :v].set(seen).at[jnp.arange(b)[:, None], idx].set(True)[:, :v]
 
 
 def _filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -64,19 +83,26 @@ def _filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: flo
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "stop_ids", "pad_token_id",
                                              "do_sample", "temperature", "top_k", "top_p", "streamer",
-                                             "collect_hidden"))
+                                             "collect_hidden", "repetition_penalty", "min_new_tokens",
+                                             "collect_prompt_hidden"))
 def generate(module, params, input_ids: jax.Array | None, attention_mask: jax.Array, *,
              inputs_embeds: jax.Array | None = None, max_new_tokens: int = 32,
              stop_ids: Sequence[int] = (), pad_token_id: int = 0, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              rng: jax.Array | None = None, streamer: Callable | None = None,
-             collect_hidden: bool = False) -> GenerateOutput:
+             collect_hidden: bool = False, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
+             penalty_ids: jax.Array | None = None, collect_prompt_hidden: bool = False) -> GenerateOutput:
   """Decode up to `max_new_tokens` after a left-padded prompt.
 
   input_ids [B, P] (or inputs_embeds [B, P, D]); attention_mask [B, P] (1 = real token).
   stop_ids: eos and any extra stop token ids. streamer(step, tokens[B]) is called on the host
   after each step (ordered io_callback) when given. collect_hidden keeps the last hidden state
   that produced each new token ([B, N, D]), e.g. to read LISA's [SEG] embeddings.
+  repetition_penalty (HF's, on raw logits) counts penalty_ids [B, P'] (ids < 0 skipped; default
+  input_ids after each row's left padding, as HF 5; nothing with inputs_embeds alone, as HF) and
+  the generated tokens;
+  min_new_tokens blocks every stop id until that many tokens are out (HF's min_new_tokens).
+  collect_prompt_hidden also returns the prefill's final-normed hidden states ([B, P, D]).
   """
   c = module.config
   variables = {"params": params}
@@ -91,6 +117,23 @@ def generate(module, params, input_ids: jax.Array | None, attention_mask: jax.Ar
   stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
   rng = jax.random.PRNGKey(0) if rng is None else rng
   d = last.shape[-1]
+  v = logits.shape[-1]
+  seen = jnp.zeros((b, v if repetition_penalty != 1.0 else 0), bool)
+  ctx = input_ids if penalty_ids is None else penalty_ids
+  if repetition_penalty != 1.0 and ctx is not None:
+    ctx = ctx.astype(jnp.int32)
+    if penalty_ids is None:  # HF 5: the left padding (before each row's first real token) is not counted
+      first_real = jnp.argmax(attention_mask != 0, axis=1)
+      ctx = jnp.where(jnp.arange(p)[None] < first_real[:, None], -1, ctx)
+    seen = mark_seen(seen, ctx)
+  is_stop_tok = jnp.any(jnp.arange(v)[:, None] == stop[None, :], axis=-1)  # [V]
+
+  def process(logits, i, seen):
+    """HF logits processors, in HF's order: repetition penalty, then min new tokens."""
+    logits = penalize_repeats(logits, seen, repetition_penalty)
+    if min_new_tokens > 0:
+      logits = jnp.where(is_stop_tok[None] & (i < min_new_tokens), -jnp.inf, logits)
+    return logits
 
   def pick(logits, key):
     if not do_sample:
@@ -102,10 +145,12 @@ def generate(module, params, input_ids: jax.Array | None, attention_mask: jax.Ar
     return (i < max_new_tokens) & ~jnp.all(done)
 
   def body(state):
-    i, tokens, hidden, done, logits, last, cache, mask, rng = state
+    i, tokens, hidden, done, logits, last, cache, mask, rng, seen = state
     rng, key = jax.random.split(rng)
-    tok = pick(logits, key)
+    tok = pick(process(logits, i, seen), key)
     tok = jnp.where(done, pad_token_id, tok)
+    if repetition_penalty != 1.0:
+      seen = mark_seen(seen, tok[:, None])
     tokens = tokens.at[:, i].set(tok)
     if collect_hidden:
       hidden = hidden.at[:, i].set(last[:, 0].astype(hidden.dtype))
@@ -116,14 +161,15 @@ def generate(module, params, input_ids: jax.Array | None, attention_mask: jax.Ar
     o = module.apply(variables, tok[:, None], mask, cache=cache, cache_index=p + i, return_logits=False)
     new_logits = module.apply(variables, o.last_hidden_state, method=module.logits)[:, -1]
     return (i + 1, tokens, hidden, new_done, new_logits.astype(jnp.float32), o.last_hidden_state,
-            o.cache, mask, rng)
+            o.cache, mask, rng, seen)
 
   tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32)
   hidden = jnp.zeros((b, max_new_tokens, d) if collect_hidden else (b, 0, d), last.dtype)
   done = jnp.zeros((b,), bool)
-  state = (jnp.int32(0), tokens, hidden, done, logits, last, out.cache, mask, rng)
+  state = (jnp.int32(0), tokens, hidden, done, logits, last, out.cache, mask, rng, seen)
   _, tokens, hidden, done, *_ = jax.lax.while_loop(cond, body, state)
   is_stop = jnp.any(tokens[..., None] == stop[None, None, :], axis=-1)
   first_stop = jnp.where(jnp.any(is_stop, 1), jnp.argmax(is_stop, 1) + 1, max_new_tokens)
   return GenerateOutput(tokens=tokens, lengths=first_stop.astype(jnp.int32),
-                        last_hidden=hidden if collect_hidden else None)
+                        last_hidden=hidden if collect_hidden else None,
+                        prompt_hidden=out.last_hidden_state if collect_prompt_hidden else None)

@@ -11,6 +11,15 @@
   4. each [SEG] embedding -> text_hidden_fcs -> SAM mask decoder -> mask logits at the original
      image size; pixels with logit > 0 are the mask.
 An answer without [SEG] gives no mask (`SegmentResult.masks` is empty) and says so.
+
+Two options reproduce the official code where it differs from that chat path:
+  - `prompt_seg_masks=True`: the official `evaluate()` re-reads the whole output sequence and makes
+    a mask for every [SEG] in it, including one that stands in the prompt (LISA issue #145); by
+    default only generated [SEG]s give masks. The prompt's hidden states come from the prefill
+    (the KV-cache design is kept). Masks are ordered as the official ones: prompt [SEG]s first.
+  - `answers=[...]`: a pre-filled assistant answer per prompt (the template's full turn, as the
+    official validation feeds it): nothing is generated; each [SEG] in the answer gives its
+    teacher-forced mask, equal to `Lisa.__call__` on the same sequence.
 """
 
 from __future__ import annotations
@@ -48,9 +57,11 @@ class SegmentResult:
     return len(self.masks) > 0
 
 
-def build_prompt(question: str, conv_type: str = "llava_v1", use_mm_start_end: bool = True) -> str:
+def build_prompt(question: str, conv_type: str = "llava_v1", use_mm_start_end: bool = True,
+                 answer: str | None = None) -> str:
+  """The chat prompt for `question`; with `answer` the assistant turn is filled (teacher forcing)."""
   conv = conv_lib.get_template(conv_type)
-  conv = conv.append(conv.roles[0], conv_lib.DEFAULT_IMAGE_TOKEN + "\n" + question).append(conv.roles[1], None)
+  conv = conv.append(conv.roles[0], conv_lib.DEFAULT_IMAGE_TOKEN + "\n" + question).append(conv.roles[1], answer)
   return tok_lib.replace_image_tokens(conv.get_prompt(), use_mm_start_end)
 
 
@@ -67,6 +78,14 @@ def _encode(model: Lisa, params, input_ids, clip_pixels, sam_pixels):
   return merge_image_features(embeds, image_mask, image_tokens, row_offset), image_embeddings
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _prompt_states(model: Lisa, params, embeds, mask):
+  """Teacher-forced pass: inputs_embeds [B, P, D], mask [B, P] -> final-normed hidden [B, P, D]."""
+  lm = DecoderLM(model.config.llava.text)
+  return lm.apply({"params": params["llava"]["language_model"]}, None, mask, inputs_embeds=embeds,
+                  return_logits=False).last_hidden_state
+
+
 @functools.partial(jax.jit, static_argnames=("model", "out_hw"))
 def _masks(model: Lisa, params, hidden, image_embeddings, image_index, resize_hw, out_hw):
   """hidden [P, D] ([SEG] states), image_index [P] -> mask logits [P, H, W] for one output size."""
@@ -81,16 +100,31 @@ def _masks(model: Lisa, params, hidden, image_embeddings, image_index, resize_hw
 def segment(model: Lisa, params, tokenizer, images: Sequence[np.ndarray], prompts: Sequence[str], *,
             max_new_tokens: int = 64, conv_type: str = "llava_v1", use_mm_start_end: bool = True,
             max_length: int | None = None, length_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
-            streamer=None) -> list[SegmentResult]:
-  """images: uint8 [H, W, 3] each (one per prompt); prompts: questions. See the module docstring."""
+            streamer=None, prompt_seg_masks: bool = False,
+            answers: Sequence[str] | None = None) -> list[SegmentResult]:
+  """images: uint8 [H, W, 3] each (one per prompt); prompts: questions. See the module docstring.
+
+  prompt_seg_masks: also a mask for each [SEG] in the prompt (the official evaluate()); answers:
+  pre-filled assistant answers (teacher-forced masks, no generation; `text` is the answer)."""
   if len(images) != len(prompts):
     raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+  if answers is not None and len(answers) != len(prompts):
+    raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
   c = model.config
   n_img = c.num_image_tokens
-  rows = []
-  for q in prompts:
-    ids = tok_lib.tokenizer_image_token(build_prompt(q, conv_type, use_mm_start_end), tokenizer)
-    rows.append(tok_lib.expand_image_tokens(ids, None, n_img, c.llava.image_token_index).input_ids)
+  rows, starts = [], []  # starts: where each row's answer begins (its [SEG]s always give masks)
+  for i, q in enumerate(prompts):
+    expand = lambda ids: tok_lib.expand_image_tokens(ids, None, n_img, c.llava.image_token_index).input_ids
+    question = expand(tok_lib.tokenizer_image_token(build_prompt(q, conv_type, use_mm_start_end), tokenizer))
+    if answers is None:
+      rows.append(question)
+      starts.append(len(question))
+    else:
+      rows.append(expand(tok_lib.tokenizer_image_token(
+          build_prompt(q, conv_type, use_mm_start_end, answers[i]), tokenizer)))
+      starts.append(len(question))
+  if answers is not None:
+    max_new_tokens = 0
   limit = max_length or c.llava.text.max_position_embeddings
   longest = max(len(r) for r in rows)
   if longest + max_new_tokens > limit:
@@ -109,23 +143,41 @@ def segment(model: Lisa, params, tokenizer, images: Sequence[np.ndarray], prompt
   embeds, image_embeddings = _encode(model, params, jnp.asarray(ids), jnp.asarray(clip), jnp.asarray(np.stack(sams)))
   t = c.llava.text
   eos = t.eos_token_id if isinstance(t.eos_token_id, tuple) else (t.eos_token_id,)
-  out = generate(DecoderLM(t), params["llava"]["language_model"], None, jnp.asarray(mask),
-                 inputs_embeds=embeds, max_new_tokens=max_new_tokens,
-                 stop_ids=tuple(e for e in eos if e is not None), pad_token_id=t.pad_token_id or 0,
-                 streamer=streamer, collect_hidden=True)
-  tokens, lengths, hidden = jax.device_get((out.tokens, out.lengths, out.last_hidden))
+  if answers is None:
+    out = generate(DecoderLM(t), params["llava"]["language_model"], None, jnp.asarray(mask),
+                   inputs_embeds=embeds, max_new_tokens=max_new_tokens,
+                   stop_ids=tuple(e for e in eos if e is not None), pad_token_id=t.pad_token_id or 0,
+                   streamer=streamer, collect_hidden=True, collect_prompt_hidden=prompt_seg_masks)
+    tokens, lengths, hidden, prompt_hidden = jax.device_get((out.tokens, out.lengths, out.last_hidden,
+                                                             out.prompt_hidden))
+  else:
+    prompt_hidden = np.asarray(_prompt_states(model, params, embeds, jnp.asarray(mask)))
+    tokens = hidden = np.zeros((len(rows), 0), np.int32)
+    lengths = np.zeros((len(rows),), np.int32)
   results = []
   for b, im in enumerate(images):
     new = tokens[b, :lengths[b]]
-    text = tokenizer.decode([int(x) for x in new], skip_special_tokens=False).replace("\n", "")
+    if answers is None:
+      text = tokenizer.decode([int(x) for x in new], skip_special_tokens=False).replace("\n", "")
+    else:
+      text = answers[b]
+    states = []  # the hidden state before each [SEG], prompt ones first (the official order)
+    if prompt_seg_masks or answers is not None:
+      pad = p - len(rows[b])  # left padding of row b
+      row = np.asarray(rows[b])
+      first = 1 if prompt_seg_masks else max(starts[b], 1)
+      where_p = [j for j in np.flatnonzero(row == c.seg_token_idx) if j >= first]
+      states += [prompt_hidden[b, pad + j - 1] for j in where_p]
     where = np.flatnonzero(new == c.seg_token_idx)
+    states += [hidden[b, j] for j in where]
     h, w = im.shape[:2]
-    if len(where) == 0:
+    if not states:
       results.append(SegmentResult(text, np.zeros((0, h, w), bool), np.zeros((0, h, w), np.float32)))
       continue
-    logits = _masks(model, params, jnp.asarray(hidden[b, where]), image_embeddings,
-                    jnp.full((len(where),), b, jnp.int32),
-                    jnp.asarray(np.repeat(np.asarray(resizes[b])[None], len(where), 0)), (h, w))
+    n = len(states)
+    logits = _masks(model, params, jnp.asarray(np.stack(states)), image_embeddings,
+                    jnp.full((n,), b, jnp.int32),
+                    jnp.asarray(np.repeat(np.asarray(resizes[b])[None], n, 0)), (h, w))
     logits = np.asarray(logits)
     results.append(SegmentResult(text, logits > 0, logits))
   return results

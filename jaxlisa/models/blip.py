@@ -14,8 +14,9 @@ Q-Former's BERT blocks (`QFormerConfig` doubles as its BertConfig: cross-attenti
 Captioning (BLIP): text = prompt ("a picture of ") + caption, [CLS] replaced by the [DEC] bos; LM loss
 with label smoothing 0.1 on the caption tokens (prompt and padding -100). Generation: prompt tokens
 without the trailing [SEP], eos = [SEP]; `beam_search` (num_beams, min/max length, repetition penalty,
-length penalty, early stopping, all as HF) or `sample` (repetition penalty, temperature, top-k, top-p),
-each one `lax.while_loop` with static shapes.
+length penalty, early stopping, all as HF) or `sample` (repetition penalty, temperature, top-k, top-p;
+greedy when do_sample=False, which is what num_beams=1 means, as HF), each one `lax.while_loop` with
+static shapes.
 
 Parameters: visual_encoder/... (EVA tree, ln_vision = post_layernorm), text_decoder/bert/embeddings/...,
 text_decoder/bert/encoder/layer_{i}/{attention,crossattention}/{self,output}/..., .../intermediate/dense,
@@ -381,10 +382,11 @@ def generate(module: BlipForConditionalGeneration, params, pixels: jax.Array, pr
   """BLIP captions (LAVIS `BlipCaption.generate`, HF `BlipForConditionalGeneration.generate`).
 
   pixels [B, H, W, 3]; prompt_ids [B, P]: [DEC] + prompt tokens (no trailing [SEP]), the same length
-  for every row. max_length / min_length count the prompt, as HF. Beam search by default; nucleus
-  sampling (num_beams 1, top_p, HF's default top_k 50) with use_nucleus_sampling. Returns
+  for every row. max_length / min_length count the prompt, as HF. Beam search by default; num_beams=1
+  is HF's greedy decoding (repetition penalty on the raw logits, finished rows padded with pad);
+  nucleus sampling (num_beams 1, top_p, HF's default top_k 50) with use_nucleus_sampling. Returns
   (sequences [B * R, max_length], lengths [B * R] generated tokens incl. eos); the tail after the end
-  holds HF's fill value (pad, or eos when pad is 0) for beams, pad for sampling.
+  holds HF's fill value (pad, or eos when pad is 0) for beams, pad for greedy and sampling.
   """
   c = module.config.text
   k = 1 if use_nucleus_sampling else num_beams
@@ -400,11 +402,11 @@ def generate(module: BlipForConditionalGeneration, params, pixels: jax.Array, pr
 
   state = {"cache": cache, "cross_kv": cross_kv}
   eos = (c.sep_token_id,)
-  if use_nucleus_sampling:
+  if use_nucleus_sampling or k == 1:  # HF: num_beams=1 without sampling is greedy decoding
     rng = jax.random.PRNGKey(0) if rng is None else rng
     seqs, lengths = sample(step, state, first, prompt_ids, rng, max_length=max_length, min_length=min_length,
                            eos_ids=eos, pad_token_id=c.pad_token_id, repetition_penalty=repetition_penalty,
-                           temperature=temperature, top_k=top_k, top_p=top_p)
+                           do_sample=use_nucleus_sampling, temperature=temperature, top_k=top_k, top_p=top_p)
     return seqs, lengths
   fill = c.pad_token_id if c.pad_token_id else eos[0]  # HF: `pad_token_id or eos_token_id[0]`
   out = beam_search(step, state, first, prompt_ids, num_beams=k, max_length=max_length, min_length=min_length,

@@ -365,18 +365,38 @@ def opt_targets(input_ids: jax.Array, attention_mask: jax.Array, prompt_length: 
 
 def generate_captions(model: Blip2OPT, params, pixels, prompt_ids, prompt_mask, *, max_new_tokens: int = 30,
                       eos_token_id: int | tuple[int, ...] | None = None, pad_token_id: int | None = None,
+                      repetition_penalty: float = 1.0, min_length: int = 0, length_penalty: float = 1.0,
                       **kw) -> gen_lib.GenerateOutput:
   """Captions / answers: [opt_proj(queries); prompt] as inputs_embeds into
   `jaxlisa.inference.generate` (greedy, or sampling with do_sample/top_p/temperature in kw).
   prompt_ids / prompt_mask [B, P] left-padded OPT tokens (BOS first; P may be 1). eos defaults to
-  the text config's (LAVIS passes the id of "\\n")."""
+  the text config's (LAVIS passes the id of "\\n").
+
+  LAVIS `Blip2OPT.generate`'s arguments: repetition_penalty (HF's, on raw logits, over the ids HF
+  `Blip2ForConditionalGeneration.generate` holds: the Q image-token ids (config.image_token_index;
+  none when unset), the prompt after its left padding, the generated tokens); min_length = minimum
+  new tokens (LAVIS hands inputs_embeds alone to OPT's generate, whose ids then start empty);
+  length_penalty only scores beams (`beam_captions`), as in HF greedy/sampling it has no effect."""
+  del length_penalty  # beam-only in HF; accepted for LAVIS's signature
   c = model.config.text
   embeds, mask = _prefix_fn(model)(params, pixels, prompt_ids, prompt_mask)
   eos = c.eos_token_id if eos_token_id is None else eos_token_id
   stop = tuple(eos) if isinstance(eos, (tuple, list)) else (() if eos is None else (eos,))
   pad = c.pad_token_id if pad_token_id is None else pad_token_id
+  b, nq = prompt_ids.shape[0], model.config.num_query_tokens
+  image_ids = jnp.full((b, nq), -1 if model.config.image_token_index is None else model.config.image_token_index,
+                       jnp.int32)
+  penalty_ids = jnp.concatenate([image_ids, jnp.where(_after_left_pad(prompt_mask), prompt_ids, -1)], axis=1)
   return gen_lib.generate(DecoderLM(c), params["opt_model"], None, mask, inputs_embeds=embeds,
-                          max_new_tokens=max_new_tokens, stop_ids=stop, pad_token_id=pad or 0, **kw)
+                          max_new_tokens=max_new_tokens, stop_ids=stop, pad_token_id=pad or 0,
+                          repetition_penalty=float(repetition_penalty), min_new_tokens=int(min_length),
+                          penalty_ids=penalty_ids, **kw)
+
+
+def _after_left_pad(mask: jax.Array) -> jax.Array:
+  """[B, P] -> [B, P] bool: positions from each row's first real token on (HF 5's prompt_ignore_length)."""
+  mask = jnp.asarray(mask)
+  return jnp.arange(mask.shape[1])[None] >= jnp.argmax(mask != 0, axis=1)[:, None]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_beams", "max_length", "min_length", "repetition_penalty",
@@ -386,8 +406,8 @@ def qformer_captions(model: Blip2Qformer, params, pixels, *, num_beams: int = 3,
                      top_p: float = 0.9, rng: jax.Array | None = None):
   """LAVIS `Blip2Qformer.generate`: captions from the Q-Former's own LM head. The text starts with
   "[DEC]" after the query K/V of the image (queries-only pass, cached as `prefix_kv`); eos "[SEP]";
-  beam search (HF semantics, jaxlisa.models.blip.beam_search) or nucleus sampling (top_p, HF's
-  default top_k 50). max/min length count the [DEC] token. Returns (sequences [B, max_length] with
+  beam search (HF semantics, jaxlisa.models.blip.beam_search), greedy decoding for num_beams=1 (as
+  HF), or nucleus sampling (top_p, HF's default top_k 50). max/min length count the [DEC] token. Returns (sequences [B, max_length] with
   [DEC] first, lengths [B] generated tokens)."""
   from jaxlisa.models import blip as blip_lib  # pylint: disable=import-outside-toplevel
   qc = model.config.qformer
@@ -415,10 +435,11 @@ def qformer_captions(model: Blip2Qformer, params, pixels, *, num_beams: int = 3,
   prompt = jnp.full((b, 1), qc.bos_token_id, jnp.int32)
   first, cache = model.apply(variables, jnp.repeat(prompt, k, axis=0), qkv, cache, 0, method=text_step)
   state = {"prefix": qkv, "cache": cache}
-  if use_nucleus_sampling:
+  if use_nucleus_sampling or k == 1:  # HF: num_beams=1 without sampling is greedy decoding
     return blip_lib.sample(step, state, first, prompt, jax.random.PRNGKey(0) if rng is None else rng,
                            max_length=max_length, min_length=min_length, eos_ids=(qc.sep_token_id,),
-                           pad_token_id=qc.pad_token_id, repetition_penalty=repetition_penalty, top_p=top_p)
+                           pad_token_id=qc.pad_token_id, repetition_penalty=repetition_penalty,
+                           do_sample=use_nucleus_sampling, top_p=top_p)
   fill = qc.pad_token_id if qc.pad_token_id else qc.sep_token_id  # HF: `pad_token_id or eos_token_id[0]`
   res = blip_lib.beam_search(step, state, first, prompt, num_beams=k, max_length=max_length, min_length=min_length,
                              eos_ids=(qc.sep_token_id,), fill_value=fill, repetition_penalty=repetition_penalty,
@@ -434,7 +455,8 @@ def beam_captions(model: Blip2OPT, params, pixels, prompt_ids, prompt_mask, *, n
                   fill_value: int = 1, repetition_penalty: float = 1.0, length_penalty: float = 1.0,
                   early_stopping: bool | str = False, num_return_sequences: int = 1):
   """Beam search over OPT after [opt_proj(queries); prompt] (LAVIS `Blip2OPT.generate` defaults to 5
-  beams), with HF's beam semantics (jaxlisa.models.blip.beam_search). The hypotheses are written as HF
+  beams), with HF's beam semantics (jaxlisa.models.blip.beam_search); num_beams=1 is HF's greedy
+  decoding (fill_value then pads finished rows; num_return_sequences must be 1). The hypotheses are written as HF
   `Blip2ForConditionalGeneration.generate` returns them: Q image-token ids (config.image_token_index;
   -1 when unset, never penalised), the prompt ids, then the new tokens; lengths count new tokens.
   prompt_ids / prompt_mask [B, P] (unpadded prompts keep the repetition penalty HF-exact).
@@ -461,6 +483,11 @@ def beam_captions(model: Blip2OPT, params, pixels, prompt_ids, prompt_mask, *, n
   image_ids = jnp.full((b, nq), -1 if model.config.image_token_index is None else model.config.image_token_index,
                        jnp.int32)
   hf_prompt = jnp.concatenate([image_ids, prompt_ids.astype(jnp.int32)], axis=1)
+  if k == 1:  # HF: num_beams=1 is greedy decoding (penalty on raw logits, finished rows padded)
+    seqs, lengths = blip_lib.sample(step, out.cache, first, hf_prompt, jax.random.PRNGKey(0), max_length=total,
+                                    min_length=nq + p + min_new_tokens, eos_ids=eos_ids, pad_token_id=fill_value,
+                                    repetition_penalty=repetition_penalty, do_sample=False)
+    return seqs, lengths
   res = blip_lib.beam_search(step, out.cache, first, hf_prompt, num_beams=k, max_length=total,
                              min_length=nq + p + min_new_tokens, eos_ids=eos_ids, fill_value=fill_value,
                              repetition_penalty=repetition_penalty, length_penalty=length_penalty,

@@ -60,7 +60,10 @@ class DecoderConfig(ConfigMixin):
   attention_bias: bool = False  # q/k/v biases (qwen2, qwen)
   o_proj_bias: bool = False
   mlp_bias: bool = False
-  sliding_window: int | None = None  # mistral
+  sliding_window: int | None = None  # mistral (every layer), qwen2 (the "sliding_attention" layers)
+  # HF `layer_types`: per layer "full_attention" | "sliding_attention"; None = every layer uses
+  # sliding_window when it is set (Mistral). Qwen2 slides only layers >= max_window_layers.
+  layer_types: tuple[str, ...] | None = None
   tie_word_embeddings: bool = False
   initializer_range: float = 0.02  # std of the normal init of every kernel and embedding (HF's name)
   # OPT specifics
@@ -87,6 +90,20 @@ class DecoderConfig(ConfigMixin):
   def __post_init__(self):
     if self.family not in FAMILIES:
       raise ValueError(f"unknown decoder family {self.family!r}; expected one of {FAMILIES}")
+    if self.layer_types is not None:
+      bad = sorted(set(self.layer_types) - {"full_attention", "sliding_attention"})
+      if bad or len(self.layer_types) != self.num_hidden_layers:
+        raise ValueError(f"layer_types must give 'full_attention' or 'sliding_attention' for each of the "
+                         f"{self.num_hidden_layers} layers, got {self.layer_types}")
+
+  @property
+  def window_layers(self) -> tuple[bool, ...]:
+    """Per layer: does it attend within sliding_window? ([L] static flags)"""
+    if self.sliding_window is None:
+      return (False,) * self.num_hidden_layers
+    if self.layer_types is None:
+      return (True,) * self.num_hidden_layers
+    return tuple(t == "sliding_attention" for t in self.layer_types)
 
   @property
   def kv_heads(self) -> int:
@@ -201,8 +218,12 @@ class DecoderLayer(nn.Module):
   collect_hidden: bool = False
 
   @nn.compact
-  def __call__(self, h, mask, cos, sin, layer_cache, cache_index):
+  def __call__(self, h, mask, cos, sin, layer_cache, cache_index, window=None):
+    """mask [B, 1, T, S], or a pair (full, windowed) when layers differ; window: bool scalar (this
+    layer's flag, scanned over the layers) selecting from the pair."""
     c = self.config
+    if isinstance(mask, (tuple, list)):
+      mask = jnp.where(window, mask[1], mask[0])
     pre = c.do_layer_norm_before
     h = constrain(h, BATCH_LEN_EMBED)
     residual = h
@@ -275,8 +296,14 @@ class DecoderLM(nn.Module):
     if not c.is_opt:
       cos, sin = attn_lib.rope_cos_sin(position_ids, c.dim_per_head, c.rope_theta,
                                        c.rope_scaling_factor, dtype=_dt(c.dtype))
-    mask = attn_lib.make_attention_mask(attention_mask, t, q_offset=cache_index, causal=True,
-                                        sliding_window=c.sliding_window)
+    flags = c.window_layers
+    full = attn_lib.make_attention_mask(attention_mask, t, q_offset=cache_index, causal=True,
+                                        sliding_window=c.sliding_window if all(flags) else None)
+    if any(flags) and not all(flags):  # per-layer windows (Qwen2's layer_types): both masks, a flag per layer
+      mask = (full, attn_lib.make_attention_mask(attention_mask, t, q_offset=cache_index, causal=True,
+                                                 sliding_window=c.sliding_window))
+    else:
+      mask = full
     h0 = h
     h, new_cache, layer_hidden = self._layers(h, mask, cos, sin, cache, cache_index,
                                               deterministic, output_hidden_states)
@@ -307,16 +334,18 @@ class DecoderLM(nn.Module):
     if c.scan_layers:
       layer = self._layer_cls(True)
       scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
                         length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      window = jnp.asarray(c.window_layers)  # [L], scanned alongside the stacked params
       h, (new_cache, hidden) = scanned(c, deterministic, collect, name="layers")(
-          h, mask, cos, sin, cache, cache_index)
+          h, mask, cos, sin, cache, cache_index, window)
       return h, new_cache, hidden
     layer = self._layer_cls(False)
     caches, hiddens = [], []
     for i in range(c.num_hidden_layers):
       lc = None if cache is None else jax.tree.map(lambda x, i=i: x[i], cache)
-      h, (nc, hid) = layer(c, deterministic, collect, name=f"layers_{i}")(h, mask, cos, sin, lc, cache_index)
+      m = mask[int(c.window_layers[i])] if isinstance(mask, tuple) else mask
+      h, (nc, hid) = layer(c, deterministic, collect, name=f"layers_{i}")(h, m, cos, sin, lc, cache_index)
       caches.append(nc)
       hiddens.append(hid)
     new_cache = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *caches)

@@ -115,9 +115,11 @@ class Task(tasks.Task):
     """(LisaConfig, params, tokenizer) from init.pretrained or init.compose, else None."""
     init = self.config.init
     compose = init.get("compose", {})
+    heads = init.get("sam_decoder_num_heads", 0)
+    sam_overrides = {"decoder_num_heads": int(heads)} if heads else None  # a .pth cannot say it
     if self.pretrained_dir:
       from jaxlisa.conversion.lisa import load_lisa  # pylint: disable=import-outside-toplevel
-      pre = load_lisa(self.pretrained_dir, clip_src=init.clip or None)
+      pre = load_lisa(self.pretrained_dir, clip_src=init.clip or None, sam_overrides=sam_overrides)
       if pre.tokenizer is None:
         raise ValueError(f"{self.pretrained_dir} has no tokenizer files (tokenizer.json / tokenizer.model)")
       return pre.config, pre.params, pre.tokenizer
@@ -128,7 +130,8 @@ class Task(tasks.Task):
                                       compose.get("tokenizer") or compose.llava,
                                       use_mm_start_end=m.llava.mm_use_im_start_end,
                                       vision_select_layer=m.llava.vision_feature_layer,
-                                      max_seg_per_conversation=m.max_seg_per_conversation)
+                                      max_seg_per_conversation=m.max_seg_per_conversation,
+                                      sam_overrides=sam_overrides)
       return cfg, params, tok
     return None
 
