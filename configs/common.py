@@ -56,6 +56,7 @@ def trainer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.log_every = 10
   config.eval_every = 0  # 0 = only at the end
   config.ckpt_every = 0  # 0 = only at the end
+  config.fresh_start = False  # True: move a workdir's previous run (checkpoints, metrics, data) aside first
   config.stop_after = -1  # stop this run after N steps (time-sliced jobs, preemption drills); -1 = never
   config.ckpt = ml_collections.ConfigDict(dict(
       max_to_keep=2, best_metric="eval/loss", best_mode="min", async_save=False))
@@ -67,7 +68,10 @@ def trainer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.frozen_dtype = ""  # storage dtype of frozen params ('' = as initialised)
   config.optim = ml_collections.ConfigDict(dict(
       lr=3e-4, schedule="warmup_decay", warmup_steps=100, warmup_type="linear", min_lr=0.0,
-      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay_vectors=False, grad_clip=1.0))
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay_vectors=False, grad_clip=1.0,
+      # a step whose loss or gradient norm is not finite leaves params and optimizer state as they
+      # were (counted as train/skipped_steps); the run stops after this many in a row (0 = never)
+      skip_nonfinite=True, max_consecutive_nonfinite=10))
   config.mesh = mesh()
   config.logical_axis_rules = LOGICAL_AXIS_RULES
   return config

@@ -252,8 +252,10 @@ class _TrainProgress:
 
   def on_log(self, step, metrics):
     self._scalars(step, metrics)
+    skipped = int(metrics.get("train/skipped_steps", 0))  # non-finite steps left out
     self.bar.set_postfix(f"loss={metrics['train/loss']:.4f} lr={metrics['train/lr']:.2e} "
-                         f"step={metrics['train/step_time'] * 1e3:.0f}ms")
+                         f"step={metrics['train/step_time'] * 1e3:.0f}ms"
+                         + (f" skipped={skipped}" if skipped else ""))
     self.bar.line()
 
   def on_eval(self, step, metrics):
@@ -414,18 +416,28 @@ def main(argv):
   distributed.initialize(config.get("distributed"))  # multi-host: before any JAX computation
   # process 0 writes config.json; other modes read a run's workdir and leave its config.json as it is
   if mode == "train" and distributed.is_primary():
-    previous = cfg_lib.read_config(workdir)
-    if previous is not None:
-      changed = cfg_lib.diff(previous, cfg_lib.to_dict(config))
-      if changed:
-        logging.warning("config differs from the previous run in %s: %s", workdir,
-                        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-    cfg_lib.write_config(config, workdir, sys.argv)
+    from jaxlisa.training.trainer import check_optim  # pylint: disable=import-outside-toplevel
+    try:  # refuses bad rates, and a model change against the workdir's checkpoints, before writing anything
+      check_optim(config)
+      changed = cfg_lib.accept_run(config, workdir, sys.argv)
+    except cfg_lib.ConfigError as e:
+      _fail(prog, str(e))
+    if changed:
+      logging.warning("config differs from the previous run in %s: %s", workdir,
+                      ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
   else:
     os.makedirs(workdir, exist_ok=True)
   _log_to_workdir(workdir)
   logging.info("mode %s, workdir %s", mode, workdir)
-  MODES[mode](config, workdir)
+  from jaxlisa.data.tokenization import TokenizerFileError  # pylint: disable=import-outside-toplevel
+  from jaxlisa.training.checkpoints import CheckpointError  # pylint: disable=import-outside-toplevel
+  from jaxlisa.training.trainer import NonFiniteError  # pylint: disable=import-outside-toplevel
+  try:
+    MODES[mode](config, workdir)
+  except (cfg_lib.ConfigError, CheckpointError, NonFiniteError, TokenizerFileError) as e:
+    if os.environ.get("JAXLISA_DEBUG"):
+      raise
+    _fail(prog, str(e))
 
 
 def run() -> None:

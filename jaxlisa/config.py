@@ -170,11 +170,13 @@ def write_config(config: ConfigDict, workdir: str, argv: Sequence[str] | None = 
   """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    os.replace(path, os.path.join(workdir, "config.prev.json"))
-  with open(path, "w") as fh:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as fh:  # written whole before it replaces anything
     json.dump(to_dict(config), fh, indent=2, sort_keys=True)
     fh.write("\n")
+  if os.path.exists(path):
+    os.replace(path, os.path.join(workdir, "config.prev.json"))
+  os.replace(tmp, path)
   if argv is not None:
     with open(os.path.join(workdir, "command.txt"), "w") as fh:
       fh.write(" ".join([os.path.basename(sys.executable), *argv]) + "\n")
@@ -182,8 +184,71 @@ def write_config(config: ConfigDict, workdir: str, argv: Sequence[str] | None = 
 
 
 def read_config(workdir: str, name: str = "config.json") -> dict | None:
+  """The JSON config of a run (None when there is none); a corrupt file is a ConfigError naming it."""
   path = os.path.join(workdir, name)
   if not os.path.exists(path):
     return None
-  with open(path) as fh:
-    return json.load(fh)
+  try:
+    with open(path) as fh:
+      return json.load(fh)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"cannot read {path}: {e}") from None
+
+
+# Leaves (by last name, under model.* and data.*) that change what a checkpoint holds: a run with
+# another value cannot resume the workdir's checkpoints.
+STRUCTURAL_KEYS = frozenset((
+    "family", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "vocab_size", "depth", "embed_dim", "num_heads", "mlp_dim", "image_size", "img_size",
+    "patch_size", "out_chans", "prompt_embed_dim", "decoder_mlp_dim", "decoder_num_heads", "iou_head_hidden_dim",
+    "mask_in_chans", "out_dim", "num_query_tokens", "encoder_hidden_size", "max_position_embeddings",
+    "scan_layers", "lora_rank", "projector_type", "attention_bias", "window_size", "global_attn_indexes",
+    "cross_attention_freq", "lm_head", "learn_temp"))
+
+RUN_FILES = ("checkpoints", "best", "metrics.jsonl", "tokenizer", "data", "tensorboard", "config.json",
+             "config.prev.json", "command.txt")
+
+
+def has_checkpoints(workdir: str) -> bool:
+  d = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def structural_changes(previous: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+  """The part of `diff(previous, new)` that a checkpoint of `previous` cannot resume into."""
+  def structural(key):
+    top, _, _ = key.partition(".")
+    return key == "task" or (top in ("model", "data") and key.rsplit(".", 1)[-1] in STRUCTURAL_KEYS)
+  return {k: v for k, v in diff(previous, new).items() if structural(k)}
+
+
+def accept_run(config: ConfigDict, workdir: str, argv: Sequence[str] | None = None) -> dict[str, tuple]:
+  """Check a training run against what `workdir` already holds, then write config.json.
+
+  With checkpoints in `workdir`, a config whose task, model family or shapes differ from the
+  recorded one is refused (ConfigError naming the fields) and nothing is written, unless
+  `config.fresh_start` asks to move the old run aside (workdir/previous-<time>/). Returns the
+  other (non-structural) differences, which the caller may warn about."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"workdir {workdir} exists and is not a folder")
+  new = to_dict(config)
+  previous = read_config(workdir) if os.path.isdir(workdir) else None
+  changed = diff(previous, new) if previous is not None else {}
+  structural = structural_changes(previous, new) if previous is not None else {}
+  if structural and has_checkpoints(workdir):
+    fields = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(structural.items())[:6])
+    if not config.get("fresh_start", False):
+      raise ConfigError(f"{workdir} holds checkpoints of another model ({fields}); use another --workdir, "
+                        "or --config.fresh_start=True to move the old run aside and start over")
+  if config.get("fresh_start", False) and os.path.isdir(workdir):
+    import time  # pylint: disable=import-outside-toplevel
+    present = [n for n in RUN_FILES if os.path.exists(os.path.join(workdir, n))]
+    if present:
+      aside = os.path.join(workdir, f"previous-{time.strftime('%Y%m%d-%H%M%S')}")
+      os.makedirs(aside)
+      for n in present:
+        os.replace(os.path.join(workdir, n), os.path.join(aside, n))
+      sys.stderr.write(f"fresh start: moved {', '.join(present)} to {aside}\n")
+      changed = {}
+  write_config(config, workdir, argv)
+  return {k: v for k, v in changed.items() if k not in structural}

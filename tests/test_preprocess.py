@@ -81,8 +81,23 @@ def test_sam_preprocess_shape(sam_transforms):
   rs = np.random.RandomState(0)
   for h, w in [(480, 640), (640, 480), (1024, 1024), (1, 3000), (333, 777)] + \
       [tuple(rs.randint(1, 2500, 2)) for _ in range(200)]:
-    assert pp.sam_preprocess_shape(int(h), int(w), 1024) == \
-        sam_transforms.ResizeLongestSide.get_preprocess_shape(int(h), int(w), 1024)
+    ref = sam_transforms.ResizeLongestSide.get_preprocess_shape(int(h), int(w), 1024)
+    # the original rounds a side below 0.5 px to 0 (and then fails to resize): clamped to 1
+    assert pp.sam_preprocess_shape(int(h), int(w), 1024) == tuple(max(1, x) for x in ref)
+  assert pp.sam_preprocess_shape(1, 3000, 1024) == (1, 1024)
+  out, hw = pp.sam_preprocess(np.zeros((1, 200, 3), np.uint8), 64)  # 200:1 at 64 px
+  assert hw == (1, 64) and out.shape == (64, 64, 3)
+
+
+def test_clip_preprocess_long_image_bounded():
+  """A 1 x 20000 image would resize to 224 x 4480000 (3 GB) before the crop; only the window is made."""
+  img = _rand(1, 20000, seed=3)
+  assert pp.clip_preprocess(img).shape == (224, 224, 3)
+  # below the limit the exact (transformers) order is kept
+  small = _rand(2, 900, seed=4)
+  ref = pp.normalize(pp.center_crop(pp._pil_resize(small, pp.shortest_edge_size(2, 900, 224), pp.Image.BICUBIC),
+                                    224), pp.OPENAI_CLIP_MEAN, pp.OPENAI_CLIP_STD, 1 / 255)
+  np.testing.assert_array_equal(pp.clip_preprocess(small), ref)
 
 
 @pytest.mark.parametrize("hw", [(48, 80), (90, 37), (64, 64)])

@@ -37,6 +37,10 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
+# clip_preprocess resizes the whole image (as transformers) up to this many output pixels (48 MiB
+# of uint8 RGB; aspect ratios up to ~330:1 at 224 px), and only the crop window beyond it.
+CLIP_FULL_RESIZE_MAX_PIXELS = 1 << 24
+
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
 
@@ -141,7 +145,21 @@ def clip_preprocess(img: np.ndarray, size: int = 224, crop: int = 224, mean: Seq
                     std: Sequence[float] = OPENAI_CLIP_STD) -> np.ndarray:
   """uint8 RGB [H, W, 3] -> float32 [crop, crop, 3] as `CLIPImageProcessor` (see module docstring)."""
   img = _check_rgb(img)
-  img = _pil_resize(img, shortest_edge_size(img.shape[0], img.shape[1], size), Image.BICUBIC)
+  h, w = img.shape[:2]
+  out_hw = shortest_edge_size(h, w, size)
+  ch, cw = (crop, crop) if isinstance(crop, int) else crop
+  if out_hw[0] * out_hw[1] <= CLIP_FULL_RESIZE_MAX_PIXELS:
+    img = _pil_resize(img, out_hw, Image.BICUBIC)  # transformers' exact order: resize, then crop
+  else:
+    # A very long image (1 x 5000 -> 224 x 1120000): resize only the source box that lands in the
+    # crop window, with the full resize's scale and sample centres, so nothing larger than the crop
+    # is allocated. PIL's fixed-point box path can differ from resize-then-crop by a few levels.
+    (oh, ow), box = out_hw, []
+    win_h, win_w = min(ch, oh), min(cw, ow)
+    top, left = (oh - win_h) // 2, (ow - win_w) // 2
+    sy, sx = h / oh, w / ow
+    box = (left * sx, top * sy, (left + win_w) * sx, (top + win_h) * sy)
+    img = np.asarray(Image.fromarray(img).resize((win_w, win_h), resample=Image.BICUBIC, box=box))
   img = center_crop(img, crop)
   return normalize(img, mean, std, scale=1 / 255)
 
@@ -149,7 +167,8 @@ def clip_preprocess(img: np.ndarray, size: int = 224, crop: int = 224, mean: Seq
 def sam_preprocess_shape(h: int, w: int, target: int = 1024) -> tuple[int, int]:
   """segment-anything `ResizeLongestSide.get_preprocess_shape`: (new_h, new_w)."""
   s = target * 1.0 / max(h, w)
-  return int(h * s + 0.5), int(w * s + 0.5)
+  # at least 1 px: beyond target:0.5 (e.g. 1 x 200 at 64 px) the original rounds a side to 0 and fails
+  return max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5))
 
 
 def sam_resize_longest_side(img: np.ndarray, target: int = 1024) -> np.ndarray:

@@ -170,7 +170,8 @@ def load_or_train(directory: str, train_fn, texts: Sequence[str], **kw):
   """The tokenizer saved in `directory` (a resumed run), else train_fn(texts, **kw) saved there."""
   from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
   if os.path.exists(os.path.join(directory, "tokenizer.json")):
-    return PreTrainedTokenizerFast.from_pretrained(directory)
+    from jaxlisa.data.tokenization import load_saved_tokenizer  # pylint: disable=import-outside-toplevel
+    return load_saved_tokenizer(directory)
   tok = train_fn(texts, **kw)
   tok.save_pretrained(directory)
   logging.info("trained a %d-token tokenizer, saved to %s", len(tok), directory)

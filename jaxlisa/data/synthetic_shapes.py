@@ -426,5 +426,5 @@ def train_tokenizer(corpus: Sequence[str], out_dir: str | None = None, vocab_siz
 
 
 def load_tokenizer(directory: str):
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
-  return PreTrainedTokenizerFast.from_pretrained(directory)
+  from jaxlisa.data.tokenization import load_saved_tokenizer  # pylint: disable=import-outside-toplevel
+  return load_saved_tokenizer(directory)

@@ -67,7 +67,8 @@ def load_or_train_tokenizer(directory: str | None, texts: Sequence[str], vocab_s
   """Reuse the tokenizer saved in `directory` (a resumed run), else train one and save it there."""
   from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
   if directory and os.path.exists(os.path.join(directory, "tokenizer.json")):
-    return PreTrainedTokenizerFast.from_pretrained(directory)
+    from jaxlisa.data.tokenization import load_saved_tokenizer  # pylint: disable=import-outside-toplevel
+    return load_saved_tokenizer(directory)
   tok = train_tokenizer(texts, vocab_size)
   if directory:
     tok.save_pretrained(directory)

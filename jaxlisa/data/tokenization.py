@@ -25,6 +25,25 @@ from typing import Callable, Mapping, Sequence
 from absl import logging
 import numpy as np
 
+
+
+class TokenizerFileError(ValueError):
+  """A saved tokenizer that cannot be read (a torn or hand-edited tokenizer.json)."""
+
+
+def load_saved_tokenizer(directory: str):
+  """PreTrainedTokenizerFast.from_pretrained(directory); a corrupt file gives TokenizerFileError
+  naming it (one line) instead of the JSON/Rust parser's traceback."""
+  import os  # pylint: disable=import-outside-toplevel
+  from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
+  try:
+    return PreTrainedTokenizerFast.from_pretrained(directory)
+  except Exception as e:  # pylint: disable=broad-except  (json, tokenizers and OS errors alike)
+    msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    raise TokenizerFileError(f"corrupt tokenizer file {os.path.join(directory, 'tokenizer.json')} ({msg}); "
+                             "delete that folder to have the run regenerate it") from e
+
+
 from jaxlisa.data.conversation import (DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN,
                                        DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX,
                                        Conversation, SepStyle)

@@ -27,6 +27,7 @@ from absl import logging
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxlisa import config as cfg_lib
 from jaxlisa import parallel, tasks
 from jaxlisa.training import checkpoints as ckpt_lib
 from jaxlisa.training import optimizer as optim_lib
@@ -63,27 +64,100 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def truncate(self, step: int) -> None:
-    """Drop rows after `step` (logged by a run that died before its next checkpoint)."""
+    """Drop rows after `step` (logged by a run that died before its next checkpoint) and lines a
+    kill tore; the file is rewritten atomically (temp file + rename)."""
     if not parallel.is_primary():
       return
-    rows = read_metrics(os.path.dirname(self.path))
-    if any(r["step"] > step for r in rows):
-      with open(self.path, "w") as fh:
+    rows, torn = _read_rows(self.path)
+    if torn or any(r["step"] > step for r in rows):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
+      os.replace(tmp, self.path)
+      if torn:
+        logging.warning("%s: dropped %d torn or unreadable line(s)", self.path, torn)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not parallel.is_primary():
       return
-    with open(self.path, "a") as fh:
-      fh.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
+    line = json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n"
+    with open(self.path, "a") as fh:  # one write per row: a kill leaves at most a torn last line
+      fh.write(line)
+
+
+def _read_rows(path: str) -> tuple[list[dict], int]:
+  """(rows, number of lines that are not a JSON object with a step: a torn last line)."""
+  if not os.path.exists(path):
+    return [], 0
+  rows, torn = [], 0
+  with open(path, errors="replace") as fh:
+    for line in fh:
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+          raise ValueError("no step")
+      except ValueError:
+        torn += 1
+        continue
+      rows.append(row)
+  return rows, torn
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as fh:
-    return [json.loads(line) for line in fh if line.strip()]
+  """The rows of workdir/metrics.jsonl (lines a kill tore are left out)."""
+  return _read_rows(os.path.join(workdir, "metrics.jsonl"))[0]
+
+
+class NonFiniteError(RuntimeError):
+  """Training stopped: loss or gradients were not finite for optim.max_consecutive_nonfinite steps."""
+
+
+class SkipCounter:
+  """Host-side count of skipped (non-finite) steps from the train step's per-step 'skipped' flag.
+
+  Flags stay on device until `flush` (at log steps, or when `limit` are pending), so the loop
+  does not wait on every step."""
+
+  def __init__(self, limit: int):
+    self.limit, self.pending, self.total, self.consecutive = int(limit), [], 0, 0
+
+  def add(self, flag) -> None:
+    self.pending.append(flag)
+
+  def due(self) -> bool:
+    return self.limit > 0 and len(self.pending) >= self.limit
+
+  def flush(self, step: int) -> None:
+    """Count the pending flags (the last one belongs to `step`); raise NonFiniteError at the limit."""
+    flags, self.pending = jax.device_get(self.pending), []
+    for f in flags:
+      if float(f) > 0:
+        self.total += 1
+        self.consecutive += 1
+      else:
+        self.consecutive = 0
+    if self.limit > 0 and self.consecutive >= self.limit:
+      raise NonFiniteError(
+          f"training stopped at step {step}: loss or gradients not finite for {self.consecutive} consecutive "
+          f"steps ({self.total} skipped in all; parameters are those of the last finite step); lower "
+          "optim.lr or raise optim.max_consecutive_nonfinite (0 = never stop)")
+
+
+def check_optim(config) -> None:
+  """Reject learning rates no run can use (non-finite, or not positive) with a ConfigError."""
+  o = config.optim
+  for key in ("lr", "min_lr", "grad_clip", "weight_decay", "eps", "b1", "b2"):
+    if key in o and not math.isfinite(float(o[key])):
+      raise cfg_lib.ConfigError(f"config.optim.{key} must be finite, got {o[key]!r}")
+  if not float(o.lr) > 0:
+    raise cfg_lib.ConfigError(f"config.optim.lr must be > 0, got {o.lr!r}")
+  if float(o.min_lr) < 0 or float(o.min_lr) > float(o.lr):
+    raise cfg_lib.ConfigError(f"config.optim.min_lr must be in [0, optim.lr={o.lr:g}], got {o.min_lr!r}")
+  if int(o.get("max_consecutive_nonfinite", 0)) < 0:
+    raise cfg_lib.ConfigError("config.optim.max_consecutive_nonfinite must be >= 0 (0 = never stop), "
+                              f"got {o.max_consecutive_nonfinite!r}")
 
 
 def _every(step: int, every: int) -> bool:
@@ -96,6 +170,7 @@ class Trainer:
   def __init__(self, config, workdir: str, task: tasks.Task | None = None, devices=None):
     """devices: the mesh's devices (default jax.devices()); e.g. an AOT topology's (tools/plan.py)."""
     self.config, self.workdir = config, workdir
+    check_optim(config)
     os.makedirs(workdir, exist_ok=True)
     self.mesh = parallel.make_mesh(config.mesh.to_dict(), devices)
     self.rules = parallel.axis_rules(config.logical_axis_rules)
@@ -157,7 +232,15 @@ class Trainer:
     grads, metrics = optim_lib.grads_and_metrics(loss_fn, state.trainable, batch, rng, self.num_microbatches)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
     trained = optax.apply_updates(state.trainable, updates)
-    metrics.update(lr=self.schedule(state.step), grad_norm=optax.global_norm(grads))
+    grad_norm = optax.global_norm(grads)
+    metrics.update(lr=self.schedule(state.step), grad_norm=grad_norm)
+    if self.config.optim.skip_nonfinite:
+      # A non-finite loss or gradient skips the update: params and optimizer state stay as they
+      # were (the batch is consumed and the step counter moves on, so data and schedule do too).
+      ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+      trained, opt_state = keep(trained, state.trainable), keep(opt_state, state.opt_state)
+      metrics["skipped"] = 1.0 - ok.astype(jnp.float32)
     return state.replace(step=state.step + 1, trainable=trained, opt_state=opt_state), metrics
 
   def _eval_step(self, state: TrainState, batch: dict) -> dict:
@@ -201,9 +284,9 @@ class Trainer:
     if pretrained:
       state = self.load_params(state, pretrained)
     data = self.task.train_data()
-    step = self.checkpoints.latest_step()
-    if step is not None:
-      saved, data_state = self.checkpoints.restore(step, ckpt_lib.abstract(state.saved()))
+    restored = self.checkpoints.restore_latest(ckpt_lib.abstract(state.saved()))
+    if restored is not None:
+      step, saved, data_state = restored
       state = state.with_saved(saved)
       if data_state:
         data.set_state(data_state)
@@ -293,13 +376,26 @@ class Trainer:
     hooks.on_start(start, c.total_steps, info)
     t_log, step_log = time.time(), start
     step = start
+    skips = SkipCounter(c.optim.max_consecutive_nonfinite)
     while True:
       state, metrics = step_fn(state, batch)
       step += 1
+      if "skipped" in metrics:
+        skips.add(metrics["skipped"])
       hooks.on_step(step)
       last = step == end
-      if _every(step, c.log_every) or last or step == start + 1:
-        m = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items() if k != "weight"}
+      log_now = _every(step, c.log_every) or last or step == start + 1
+      if log_now or skips.due():
+        try:
+          skips.flush(step)
+        except NonFiniteError:
+          self.writer.write(step, {"train/skipped_steps": skips.total})
+          self.checkpoints.wait()
+          raise
+      if log_now:
+        m = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items() if k not in ("weight", "skipped")}
+        if "skipped" in metrics:
+          m["train/skipped_steps"] = float(skips.total)
         now = time.time()
         m["train/step_time"] = (now - t_log) / (step - step_log)
         t_log, step_log = now, step
