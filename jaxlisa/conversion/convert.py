@@ -136,13 +136,23 @@ class Pretrained:
 
 
 def load_tokenizer(path: str):
-  """A transformers tokenizer from `path` when it has tokenizer files, else None."""
+  """A transformers tokenizer from `path` when it has tokenizer files, else None.
+
+  tokenizer.json: loaded as saved (exact round trip). A LLaMA-family SentencePiece directory
+  without one (official LISA / LLaVA checkpoints: tokenizer.model + tokenizer_config.json +
+  special_tokens_map.json + added_tokens.json): `data.llama_tokenizer.SlowLlamaTokenizer`, the
+  transformers 4.31 slow LlamaTokenizer those models were trained with (transformers 5's
+  AutoTokenizer splits differently around added tokens). Anything else: AutoTokenizer.
+  """
   if not any(os.path.exists(os.path.join(path, f)) for f in
              ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
     return None
   from transformers import AutoTokenizer, PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
+  from jaxlisa.data import llama_tokenizer  # pylint: disable=import-outside-toplevel
   if os.path.exists(os.path.join(path, "tokenizer.json")):
     return PreTrainedTokenizerFast.from_pretrained(path)  # exact round trip of the saved tokenizer
+  if llama_tokenizer.is_llama_sentencepiece_dir(path):
+    return llama_tokenizer.SlowLlamaTokenizer.load(path)
   return AutoTokenizer.from_pretrained(path)
 
 
