@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.generation import logits_process as lp
 
-from jaxlisa.inference.generate import _filter_logits, generate, left_pad
+from jaxlisa.inference.generate import _filter_logits, default_pad_id, default_stop_ids, generate, left_pad, pad_batch
 from jaxlisa.models import llm
 
 
@@ -54,13 +54,41 @@ def test_streamer_sees_every_token_in_order(tiny):
 def test_stop_ids_pad_and_lengths(tiny):
   m, p = tiny
   ids, mask = jnp.asarray([[5, 6, 7]]), jnp.ones((1, 3), jnp.int32)
-  free = np.asarray(generate(m, p, ids, mask, max_new_tokens=8).tokens)[0]
+  free = np.asarray(generate(m, p, ids, mask, max_new_tokens=8, stop_ids=()).tokens)[0]  # () never stops
   stop = int(free[2])  # stop on the third token the model produces anyway
   out = generate(m, p, ids, mask, max_new_tokens=8, stop_ids=(stop,), pad_token_id=39)
   toks = np.asarray(out.tokens)[0]
   first = int(np.argmax(free == stop))
   np.testing.assert_array_equal(toks[:first + 1], free[:first + 1])
   assert (toks[first + 1:] == 39).all() and int(out.lengths[0]) == first + 1
+
+
+def test_defaults_stop_at_config_eos_and_pad_with_config_pad(tiny):
+  """Without stop_ids / pad_token_id, generate uses the model config's eos and pad (HF generate
+  does: generation_config's eos, pad falling back to eos)."""
+  m, p = tiny
+  ids, mask = jnp.asarray([[5, 6, 7]]), jnp.ones((1, 3), jnp.int32)
+  free = np.asarray(generate(m, p, ids, mask, max_new_tokens=8, stop_ids=()).tokens)[0]
+  eos = int(free[2])
+  for pad, want_pad in ((37, 37), (None, eos)):
+    cfg = m.config.replace(eos_token_id=eos, pad_token_id=pad)
+    assert default_stop_ids(cfg) == (eos,) and default_pad_id(cfg) == want_pad
+    out = generate(llm.DecoderLM(cfg), p, ids, mask, max_new_tokens=8)
+    toks, first = np.asarray(out.tokens)[0], int(np.argmax(free == eos))
+    np.testing.assert_array_equal(toks[:first + 1], free[:first + 1])
+    assert (toks[first + 1:] == want_pad).all() and int(out.lengths[0]) == first + 1
+  assert default_stop_ids(m.config.replace(eos_token_id=(4, 9))) == (4, 9)
+  assert default_pad_id(m.config.replace(eos_token_id=None, pad_token_id=None)) == 0
+
+
+def test_pad_batch_pads_left():
+  class Tok:  # the tokenizer protocol pad_batch uses
+    pad_token_id = 3
+    def __call__(self, texts, **kw):
+      return {"input_ids": [[ord(c) for c in t] for t in texts]}
+  ids, mask = pad_batch(Tok(), ["ab", "abcd"])
+  np.testing.assert_array_equal(ids, [[3, 3, 97, 98], [97, 98, 99, 100]])
+  np.testing.assert_array_equal(mask, [[0, 0, 1, 1], [1, 1, 1, 1]])
 
 
 def test_sampling_is_reproducible_and_seed_dependent(tiny):

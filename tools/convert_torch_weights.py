@@ -5,8 +5,9 @@
       [--dtype float32|bfloat16] [--family llama] [--verify] [--overwrite]
 
 --src: a HF directory (model.safetensors, sharded safetensors + index, pytorch_model*.bin + index)
-or one .safetensors/.bin/.pth file. The family is detected from config.json or from the key
-names; --family overrides. The output is written to a temporary directory and renamed into
+or one .safetensors/.bin/.pth file, or a .gguf file (dequantized by transformers' GGUF reader;
+its tokenizer, chat template and eos/pad go to --dst). The family is detected from config.json
+(a .gguf: its metadata) or from the key names; --family overrides. The output is written to a temporary directory and renamed into
 place at the end, so a failed run leaves nothing behind.
 
   python tools/convert_torch_weights.py --family lisa --src LISA-7B-v1 --clip_src clip-vit-large-patch14 --dst ckpt/lisa7b
@@ -33,7 +34,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen", "opt", "clip_vision", "eva_vit"
             "blip2_opt_lavis", "blip_hf", "blip_lavis", "minigpt4qwen")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("src", None, "checkpoint file or HF directory", required=True)
+flags.DEFINE_string("src", None, "checkpoint file (.safetensors/.bin/.pth/.gguf) or HF directory", required=True)
 flags.DEFINE_string("dst", None, "output directory", required=True)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "parameter dtype")
 flags.DEFINE_string("family", None, "force a model family (default: detect); one of " + ", ".join(FAMILIES))

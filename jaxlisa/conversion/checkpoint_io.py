@@ -2,7 +2,8 @@
 
 `open_checkpoint(path)` accepts a HF directory (`model.safetensors`, sharded safetensors with
 `model.safetensors.index.json`, `pytorch_model.bin`, sharded `.bin` with its index) or one
-`.safetensors` / `.bin` / `.pth` / `.pt` file, and returns a `TensorSource`: the key list and
+`.safetensors` / `.bin` / `.pth` / `.pt` file (or a `.gguf` file: `gguf_io`, dequantized through
+transformers' and gguf's readers), and returns a `TensorSource`: the key list and
 shapes up front, each tensor read only when asked for, as numpy (bf16 kept as ml_dtypes
 bfloat16, bit-exact). Safetensors are memory-mapped; pickled files are loaded with
 `torch.load(mmap=True, weights_only=True)`, so peak memory stays near one tensor plus output.
@@ -83,6 +84,9 @@ class TensorSource:
 
 def open_checkpoint(path: str) -> TensorSource:
   """Open a checkpoint file or HF directory (see module docstring)."""
+  if path.endswith(".gguf") and os.path.isfile(path):
+    from jaxlisa.conversion import gguf_io  # pylint: disable=import-outside-toplevel
+    return gguf_io.open_gguf(path)
   return TensorSource(checkpoint_files(path))
 
 
@@ -91,8 +95,8 @@ def checkpoint_files(path: str) -> list[str]:
   if not os.path.exists(path):
     raise CheckpointError(f"checkpoint not found: {path}")
   if os.path.isfile(path):
-    if not path.endswith((".safetensors", ".bin", ".pth", ".pt")):
-      raise CheckpointError(f"unsupported checkpoint file {path} (expected .safetensors/.bin/.pth/.pt)")
+    if not path.endswith((".safetensors", ".bin", ".pth", ".pt", ".gguf")):
+      raise CheckpointError(f"unsupported checkpoint file {path} (expected .safetensors/.bin/.pth/.pt/.gguf)")
     return [path]
   for name in _INDEX_FILES:
     idx = os.path.join(path, name)
@@ -117,7 +121,11 @@ def checkpoint_files(path: str) -> list[str]:
 
 
 def read_config_json(path: str) -> dict | None:
-  """`config.json` next to (or inside) a checkpoint path, or None."""
+  """`config.json` next to (or inside) a checkpoint path, or None; for a .gguf file, the config
+  transformers derives from its metadata."""
+  if path.endswith(".gguf") and os.path.isfile(path):
+    from jaxlisa.conversion import gguf_io  # pylint: disable=import-outside-toplevel
+    return gguf_io.gguf_config(path)
   d = path if os.path.isdir(path) else os.path.dirname(path)
   f = os.path.join(d, "config.json")
   if not os.path.exists(f):

@@ -4,7 +4,8 @@ and loading a converted (or raw HF/PyTorch) checkpoint back as (module, params, 
 A converted directory is self-describing:
   jaxlisa_config.json   {"format": 1, "family": ..., "config": {...}, "source": ...}
   params/               orbax PyTree checkpoint of the parameter tree
-  tokenizer files       copied from the source when it had them
+  tokenizer files       copied from the source when it had them (from a .gguf: its tokenizer,
+                        chat template and generation_config.json, written by transformers)
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float3
     model_config = fam.config_from_hf(cfg_json, source, overrides=dict(config_overrides))
   else:
     model_config = fam.config_from_hf(cfg_json, source)
+  model_config = _generation_ids(model_config, src)
   if config_overrides:
     model_config = dataclasses.replace(model_config, **config_overrides)
   expected = registry.abstract_params(fam, model_config)
@@ -72,6 +74,28 @@ def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float3
                          dtype=_np_dtype(dtype), skip=fam.skip, keep_dtype=fam.keep_fp32, progress=progress)
   logging.info("converted %d tensors of %s as family %s", len(source), src, fam.name)
   return Converted(fam.name, model_config, params)
+
+
+def _generation_ids(model_config, src: str):
+  """eos / pad ids from generation_config.json beside the checkpoint (what HF generate stops at and
+  pads with) into a decoder config, so `inference.generate` defaults to them."""
+  names = {f.name for f in dataclasses.fields(model_config)} if dataclasses.is_dataclass(model_config) else set()
+  d = src if os.path.isdir(src) else os.path.dirname(src)
+  f = os.path.join(d, "generation_config.json")
+  if "eos_token_id" not in names or src.endswith(".gguf") or not os.path.exists(f):
+    return model_config
+  try:
+    with open(f) as fh:
+      gen = json.load(fh)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"bad {f}: {e}") from e
+  changes = {}
+  if gen.get("eos_token_id") is not None:
+    eos = gen["eos_token_id"]
+    changes["eos_token_id"] = tuple(eos) if isinstance(eos, list) else eos
+  if gen.get("pad_token_id") is not None and "pad_token_id" in names:
+    changes["pad_token_id"] = gen["pad_token_id"]
+  return dataclasses.replace(model_config, **changes) if changes else model_config
 
 
 def save_converted(dst: str, conv: Converted, source_dir: str | None = None, overwrite: bool = False) -> str:
@@ -91,7 +115,10 @@ def save_converted(dst: str, conv: Converted, source_dir: str | None = None, ove
       json.dump(meta, fh, indent=2, default=str)
     with ocp.PyTreeCheckpointer() as ckpt:
       ckpt.save(os.path.join(tmp, PARAMS_DIR), conv.params)
-    if source_dir:
+    if source_dir and source_dir.endswith(".gguf") and os.path.isfile(source_dir):
+      from jaxlisa.conversion import gguf_io  # pylint: disable=import-outside-toplevel
+      gguf_io.save_gguf_extras(source_dir, tmp)  # tokenizer + chat template + generation_config
+    elif source_dir:
       sdir = source_dir if os.path.isdir(source_dir) else os.path.dirname(source_dir)
       for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(sdir, name)):
@@ -136,14 +163,57 @@ class Pretrained:
 
 
 def load_tokenizer(path: str):
-  """A transformers tokenizer from `path` when it has tokenizer files, else None."""
+  """A transformers tokenizer from `path` when it has tokenizer files, else None.
+
+  tokenizer.json: loaded as saved (exact round trip). A LLaMA-family SentencePiece directory
+  without one (official LISA / LLaVA checkpoints: tokenizer.model + tokenizer_config.json +
+  special_tokens_map.json + added_tokens.json): `data.llama_tokenizer.SlowLlamaTokenizer`, the
+  transformers 4.31 slow LlamaTokenizer those models were trained with (transformers 5's
+  AutoTokenizer splits differently around added tokens). Anything else: AutoTokenizer.
+  """
   if not any(os.path.exists(os.path.join(path, f)) for f in
              ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
     return None
   from transformers import AutoTokenizer, PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
+  from jaxlisa.data import llama_tokenizer  # pylint: disable=import-outside-toplevel
   if os.path.exists(os.path.join(path, "tokenizer.json")):
     return PreTrainedTokenizerFast.from_pretrained(path)  # exact round trip of the saved tokenizer
+  if llama_tokenizer.is_llama_sentencepiece_dir(path):
+    return llama_tokenizer.SlowLlamaTokenizer.load(path)
   return AutoTokenizer.from_pretrained(path)
+
+
+def _cast_params(params: dict, np_dt, keep_fp32=()) -> dict:
+  """Floating leaves cast to np_dt, except paths matching `keep_fp32` (as the converter keeps them)."""
+  import re  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  keep = [re.compile(k) for k in keep_fp32]
+  def cast(path, x):
+    x = np.asarray(x)
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if x.dtype.kind != "f" and x.dtype != _np_dtype("bfloat16") or any(r.search(name) for r in keep):
+      return x
+    return x.astype(np_dt)
+  return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def with_dtype(config, dtype: str):
+  """`config` with compute `dtype` and `param_dtype` set to `dtype`, in it and in every nested model
+  config (LLaVA's text/vision, LISA's llava/sam, ...). Returns (config, whether any field was set)."""
+  if not dataclasses.is_dataclass(config):
+    return config, False
+  changes, found = {}, False
+  names = {f.name for f in dataclasses.fields(config)}
+  for name in ("dtype", "param_dtype"):
+    if name in names and isinstance(getattr(config, name), str):
+      changes[name], found = dtype, True
+  for f in dataclasses.fields(config):
+    v = getattr(config, f.name)
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+      sub, hit = with_dtype(v, dtype)
+      if hit:
+        changes[f.name], found = sub, True
+  return (dataclasses.replace(config, **changes) if changes else config), found
 
 
 def load_pretrained(path: str, *, family: str | None = None, dtype: str | None = None,
@@ -151,8 +221,11 @@ def load_pretrained(path: str, *, family: str | None = None, dtype: str | None =
   """Load a converted jaxlisa directory, or convert a HF/PyTorch checkpoint in memory.
 
   Returns Pretrained(module, params, config, family, tokenizer); it also unpacks as
-  `module, params, config = load_pretrained(path)`. `config_overrides` replace model config
-  fields (e.g. dtype="bfloat16", remat_policy="full") before the module is built.
+  `module, params, config = load_pretrained(path)`. `dtype` ("bfloat16", "float16", "float32")
+  is the one switch for numerics: parameters are cast to it and the model computes in it (the
+  config's `dtype` / `param_dtype`, nested configs included). `config_overrides` replace model
+  config fields (e.g. remat_policy="full") before the module is built. Decoder LMs' tokenizers
+  pad on the left, as batched generation needs.
   """
   import jax  # pylint: disable=import-outside-toplevel
   if not os.path.exists(path):
@@ -165,14 +238,22 @@ def load_pretrained(path: str, *, family: str | None = None, dtype: str | None =
   else:
     conv = convert_checkpoint(path, family=family, dtype=dtype or "float32")
     fam, config, params = registry.get_family(conv.family), conv.config, conv.params
+  if dtype is not None:
+    _np_dtype(dtype)  # validates the name
+    config, has_dtype = with_dtype(config, dtype)
+    if has_dtype or hasattr(config, "param_dtype"):
+      params = _cast_params(params, _np_dtype(dtype), fam.keep_fp32)
   if config_overrides:
     config = dataclasses.replace(config, **config_overrides)
-  if dtype is not None and hasattr(config, "param_dtype"):
-    params = jax.tree.map(lambda x: np.asarray(x).astype(_np_dtype(dtype)), params)
   tok = None
   if with_tokenizer:
-    tdir = path if os.path.isdir(path) else os.path.dirname(path)
-    tok = load_tokenizer(tdir)
+    if path.endswith(".gguf") and os.path.isfile(path):
+      from jaxlisa.conversion import gguf_io  # pylint: disable=import-outside-toplevel
+      tok = gguf_io.load_tokenizer(path)
+    else:
+      tok = load_tokenizer(path if os.path.isdir(path) else os.path.dirname(path))
+    if tok is not None and fam.name in ("llama", "mistral", "qwen2", "qwen", "opt"):
+      tok.padding_side = "left"  # batched generation: real tokens at the right end
   return Pretrained(fam.build(config), params, config, fam.name, tok)
 
 

@@ -357,8 +357,11 @@ def add_lisa_tokens(tokenizer, use_mm_start_end: bool = True) -> int:
 def _load_tokenizer(tokenizer):
   if not isinstance(tokenizer, str):
     return tokenizer
-  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-  return AutoTokenizer.from_pretrained(tokenizer)
+  from jaxlisa.conversion import convert  # pylint: disable=import-outside-toplevel
+  tok = convert.load_tokenizer(tokenizer)  # LLaMA SentencePiece dirs: the 4.31 slow tokenizer
+  if tok is None:
+    raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer.model) in {tokenizer}")
+  return tok
 
 
 def _check_tree(params: dict, config: LisaConfig) -> None:

@@ -3,7 +3,10 @@
 Prompts are left-padded ([B, P], `left_pad` converts right-padded batches). One prefill call
 fills the cache for all P slots, then a `lax.while_loop` decodes one token per step into slots
 P, P+1, ... until every row has produced an eos/stop id or `max_new_tokens` is reached. Rows that
-finished emit `pad_token_id`, as HF `generate` does. Greedy decoding equals HF's token for token;
+finished emit `pad_token_id`, as HF `generate` does. By default the stop ids are the model
+config's `eos_token_id` and the pad is its `pad_token_id` (eos when it has none, as HF);
+`default_stop_ids` / `default_pad_id` say which. `pad_batch` tokenizes a batch left-padded.
+Greedy decoding equals HF's token for token;
 HF's logits processors come first, on the raw logits: the repetition penalty
 (RepetitionPenaltyLogitsProcessor: over the prompt ids after the left padding, and the tokens
 generated so far) and `min_new_tokens` (MinNewTokensLengthLogitsProcessor: stop ids blocked until that many
@@ -48,6 +51,41 @@ def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, pad_id: int = 0)
   return ids, mask
 
 
+def _eos_tuple(eos) -> tuple[int, ...]:
+  if eos is None:
+    return ()
+  return tuple(int(e) for e in eos) if isinstance(eos, (tuple, list)) else (int(eos),)
+
+
+def default_stop_ids(config) -> tuple[int, ...]:
+  """The model's eos ids (DecoderConfig.eos_token_id, filled by the converter from config.json /
+  generation_config.json): what `generate` stops at unless given `stop_ids`."""
+  return _eos_tuple(getattr(config, "eos_token_id", None))
+
+
+def default_pad_id(config) -> int:
+  """config.pad_token_id, else the first eos id (HF generate's fallback), else 0."""
+  pad = getattr(config, "pad_token_id", None)
+  if pad is not None:
+    return int(pad)
+  eos = default_stop_ids(config)
+  return eos[0] if eos else 0
+
+
+def pad_batch(tokenizer, texts: Sequence[str], **kw) -> tuple[np.ndarray, np.ndarray]:
+  """Tokenize `texts` LEFT-padded, as `generate` needs: (input_ids [B, P], attention_mask [B, P]),
+  numpy int32. kw go to the tokenizer (e.g. add_special_tokens=False)."""
+  rows = [list(r) for r in tokenizer(list(texts), **kw)["input_ids"]]
+  pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+  p = max(len(r) for r in rows)
+  ids = np.full((len(rows), p), pad, np.int32)
+  mask = np.zeros((len(rows), p), np.int32)
+  for b, r in enumerate(rows):  # host-side data preparation
+    if r:
+      ids[b, p - len(r):], mask[b, p - len(r):] = r, 1
+  return ids, mask
+
+
 def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
   """HF RepetitionPenaltyLogitsProcessor on raw logits [B, V]: tokens marked in seen [B, V] are
   multiplied by penalty where negative, divided by it where positive."""
@@ -87,7 +125,7 @@ def _filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: flo
                                              "collect_prompt_hidden"))
 def generate(module, params, input_ids: jax.Array | None, attention_mask: jax.Array, *,
              inputs_embeds: jax.Array | None = None, max_new_tokens: int = 32,
-             stop_ids: Sequence[int] = (), pad_token_id: int = 0, do_sample: bool = False,
+             stop_ids: Sequence[int] | None = None, pad_token_id: int | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              rng: jax.Array | None = None, streamer: Callable | None = None,
              collect_hidden: bool = False, repetition_penalty: float = 1.0, min_new_tokens: int = 0,
@@ -95,7 +133,8 @@ def generate(module, params, input_ids: jax.Array | None, attention_mask: jax.Ar
   """Decode up to `max_new_tokens` after a left-padded prompt.
 
   input_ids [B, P] (or inputs_embeds [B, P, D]); attention_mask [B, P] (1 = real token).
-  stop_ids: eos and any extra stop token ids. streamer(step, tokens[B]) is called on the host
+  stop_ids: eos and any extra stop token ids (None: the model config's eos, `default_stop_ids`;
+  () never stops early). pad_token_id: what finished rows emit (None: `default_pad_id`). streamer(step, tokens[B]) is called on the host
   after each step (ordered io_callback) when given. collect_hidden keeps the last hidden state
   that produced each new token ([B, N, D]), e.g. to read LISA's [SEG] embeddings.
   repetition_penalty (HF's, on raw logits) counts penalty_ids [B, P'] (ids < 0 skipped; default
@@ -105,6 +144,8 @@ def generate(module, params, input_ids: jax.Array | None, attention_mask: jax.Ar
   collect_prompt_hidden also returns the prefill's final-normed hidden states ([B, P, D]).
   """
   c = module.config
+  stop_ids = default_stop_ids(c) if stop_ids is None else tuple(stop_ids)
+  pad_token_id = default_pad_id(c) if pad_token_id is None else int(pad_token_id)
   variables = {"params": params}
   b, p = attention_mask.shape
   total = p + max_new_tokens
