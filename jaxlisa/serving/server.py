@@ -299,6 +299,7 @@ class App:
 class Server(http.server.ThreadingHTTPServer):
   daemon_threads = True
   allow_reuse_address = True
+  request_queue_size = 128  # listen backlog: bursts of connections wait in the kernel, not reset
 
   def __init__(self, address, app: App):
     super().__init__(address, _Handler)
