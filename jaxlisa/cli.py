@@ -36,6 +36,7 @@ MODE_HELP = {
     "train": "train (or resume) config.task to config.total_steps; checkpoints, metrics.jsonl, TensorBoard in the workdir",
     "eval": "validate the latest checkpoint of the workdir (or init.pretrained): prints the eval metrics",
     "segment": "answer --config.prompt about --config.image and write a mask + overlay PNG per [SEG]",
+    "serve": "HTTP service on --config.serve.host:port (GET /healthz, POST /v1/segment, GET / page); README Serving",
 }
 
 # Fields --help shows (those the selected config has), with their defaults.
@@ -394,10 +395,42 @@ def run_segment(config, workdir: str) -> None:
   print(f"(weights from step {step} of {workdir})" if step else "(weights from init.pretrained / init)")
 
 
+def run_serve(config, workdir: str) -> None:
+  """HTTP service on config.serve.host:port (jaxlisa.serving.server; README "Serving"); weights as
+  segment loads them (params only, refuses random weights unless allow_random_init)."""
+  from jaxlisa.serving import server as server_lib  # pylint: disable=import-outside-toplevel
+  sv = config.serve
+  task, params, step, _, _ = _inference_params(config, workdir)
+  col = config.data.collate
+  engine = server_lib.SegmentEngine(
+      task.model, params, task.tokenizer, max_new_tokens=config.max_new_tokens,
+      max_prompt_tokens=sv.max_prompt_tokens, conv_type=col.conv_type, use_mm_start_end=col.use_mm_start_end,
+      max_length=col.model_max_length, mask_size_multiple=sv.mask_size_multiple, max_batch_size=sv.max_batch_size)
+  try:
+    server = server_lib.make_server(engine, sv, model_name=config.get("task", "lisa"),
+                                    step=int(step) if step else None)
+  except OSError as e:
+    _fail(os.path.basename(sys.argv[0]), f"cannot listen on {sv.host}:{sv.port}: {e}")
+  if sv.warmup:
+    print("warming up (compiling batch sizes " + ", ".join(map(str, server_lib.batch_buckets(sv.max_batch_size)))
+          + ")", flush=True)
+    engine.warmup()
+  host, port = server.server_address[:2]
+  print(f"serving on http://{host}:{port}/ (weights from step {step} of {workdir})", flush=True)
+  try:
+    server.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    server.server_close()
+    server.app.close()
+
+
 MODES = {
     "train": run_train,
     "eval": run_eval,
     "segment": run_segment,
+    "serve": run_serve,
 }
 
 

@@ -117,6 +117,21 @@ def test_segment_masks_equal_teacher_forced_forward(forced_seg_model):
     np.testing.assert_allclose(r.mask_logits, np.asarray(out.pred_masks[0, 0]), atol=1e-4)
 
 
+def test_serving_options_keep_the_masks(forced_seg_model):
+  """mask_size_multiple (padded size / [SEG] count, one compile for many sizes) and
+  row_max_new_tokens (per-row caps) give the exact-size masks and answers, truncated per row."""
+  model, params, tok, img = forced_seg_model
+  img2 = np.ascontiguousarray(img[:48, :40])
+  qs = ["Please segment the circle.", "Where is it?"]
+  want = seg_lib.segment(model, params, tok, [img, img2], qs, max_new_tokens=3, max_length=256)
+  got = seg_lib.segment(model, params, tok, [img, img2], qs, max_new_tokens=3, max_length=256,
+                        mask_size_multiple=32, row_max_new_tokens=[3, 1])
+  np.testing.assert_allclose(got[0].mask_logits, want[0].mask_logits, atol=1e-4)
+  assert got[0].text == want[0].text
+  assert got[1].text.count("[SEG]") == 1 and got[1].masks.shape == (1,) + img2.shape[:2]
+  np.testing.assert_allclose(got[1].mask_logits[0], want[1].mask_logits[0], atol=1e-4)
+
+
 def test_answer_without_seg_gives_no_mask(forced_seg_model):
   model, params, tok, img = forced_seg_model
   params = jax.tree.map(np.array, params)

@@ -87,13 +87,14 @@ def _prompt_states(model: Lisa, params, embeds, mask):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "out_hw"))
-def _masks(model: Lisa, params, hidden, image_embeddings, image_index, resize_hw, out_hw):
-  """hidden [P, D] ([SEG] states), image_index [P] -> mask logits [P, H, W] for one output size."""
+def _masks(model: Lisa, params, hidden, image_embeddings, image_index, resize_hw, orig_hw, out_hw):
+  """hidden [P, D] ([SEG] states), image_index [P], orig_hw [2] -> mask logits [P, *out_hw]
+  (valid in [:H, :W] of orig_hw, zero beyond)."""
   def fn(m):
     seg = m.text_hidden_fcs(hidden)
     return m.decode_masks(seg, image_embeddings, image_index)
   low = model.apply({"params": params}, method=fn)
-  return sam_lib.postprocess_masks_dynamic(low, resize_hw, jnp.asarray(out_hw), out_shape=out_hw,
+  return sam_lib.postprocess_masks_dynamic(low, resize_hw, orig_hw, out_shape=out_hw,
                                            padded_size=model.config.sam.img_size)
 
 
@@ -101,11 +102,17 @@ def segment(model: Lisa, params, tokenizer, images: Sequence[np.ndarray], prompt
             max_new_tokens: int = 64, conv_type: str = "llava_v1", use_mm_start_end: bool = True,
             max_length: int | None = None, length_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
             streamer=None, prompt_seg_masks: bool = False,
-            answers: Sequence[str] | None = None) -> list[SegmentResult]:
+            answers: Sequence[str] | None = None, row_max_new_tokens: Sequence[int] | None = None,
+            mask_size_multiple: int = 0) -> list[SegmentResult]:
   """images: uint8 [H, W, 3] each (one per prompt); prompts: questions. See the module docstring.
 
   prompt_seg_masks: also a mask for each [SEG] in the prompt (the official evaluate()); answers:
-  pre-filled assistant answers (teacher-forced masks, no generation; `text` is the answer)."""
+  pre-filled assistant answers (teacher-forced masks, no generation; `text` is the answer).
+  row_max_new_tokens: per-prompt caps (<= max_new_tokens) applied to the decoded answers, so one
+  compiled decode of max_new_tokens serves rows that asked for fewer (serving).
+  mask_size_multiple > 0: the mask decoder runs at the output size rounded up to this multiple and
+  with the [SEG] count rounded up to a power of two, then crops, so differently sized images share
+  one compiled mask program (serving); 0 = exact sizes (one compile per size)."""
   if len(images) != len(prompts):
     raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
   if answers is not None and len(answers) != len(prompts):
@@ -155,6 +162,8 @@ def segment(model: Lisa, params, tokenizer, images: Sequence[np.ndarray], prompt
     tokens = hidden = np.zeros((len(rows), 0), np.int32)
     lengths = np.zeros((len(rows),), np.int32)
   results = []
+  if row_max_new_tokens is not None:
+    lengths = np.minimum(lengths, np.asarray(row_max_new_tokens, lengths.dtype))
   for b, im in enumerate(images):
     new = tokens[b, :lengths[b]]
     if answers is None:
@@ -174,11 +183,16 @@ def segment(model: Lisa, params, tokenizer, images: Sequence[np.ndarray], prompt
     if not states:
       results.append(SegmentResult(text, np.zeros((0, h, w), bool), np.zeros((0, h, w), np.float32)))
       continue
-    n = len(states)
-    logits = _masks(model, params, jnp.asarray(np.stack(states)), image_embeddings,
-                    jnp.full((n,), b, jnp.int32),
-                    jnp.asarray(np.repeat(np.asarray(resizes[b])[None], n, 0)), (h, w))
-    logits = np.asarray(logits)
+    k = n = len(states)
+    out_hw, sel = (h, w), np.stack(states)
+    if mask_size_multiple > 0:
+      mul = mask_size_multiple
+      out_hw = (-(-h // mul) * mul, -(-w // mul) * mul)
+      n = 1 << (k - 1).bit_length()
+      sel = np.concatenate([sel, np.repeat(sel[-1:], n - k, 0)])
+    logits = _masks(model, params, jnp.asarray(sel), image_embeddings, jnp.full((n,), b, jnp.int32),
+                    jnp.asarray(np.repeat(np.asarray(resizes[b])[None], n, 0)), jnp.asarray((h, w)), out_hw)
+    logits = np.asarray(logits)[:k, :h, :w]
     results.append(SegmentResult(text, logits > 0, logits))
   return results
 

@@ -1,0 +1,1 @@
+"""Serving: LISA behind HTTP (jaxlisa.serving.server), above jaxlisa.inference (which decodes)."""
