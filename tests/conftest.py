@@ -51,6 +51,34 @@ def stub_torchvision():
                       "torchvision.ops.boxes": boxes})
 
 
+def tiny_reference_sam(depth: int, decoder_heads: int, img: int = 64, patch: int = 8):
+  """A tiny segment_anything Sam (torch, eval mode), seeded: `depth` encoder blocks (block 1
+  global), window 3 on the img/patch grid, a 2-layer two-way transformer with `decoder_heads`
+  heads. Every tensor random and O(0.2) (the defaults, zero pos_embed / rel-pos and unit norms,
+  leave mask logits too small for a 1e-4 check to bite)."""
+  import functools  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  stub_torchvision()
+  from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,  # pylint: disable=import-outside-toplevel
+                                         TwoWayTransformer)
+  grid = img // patch
+  torch.manual_seed(0)
+  enc = ImageEncoderViT(img_size=img, patch_size=patch, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=4,
+                        out_chans=32, qkv_bias=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
+                        use_rel_pos=True, window_size=3, global_attn_indexes=(1,))
+  pe = PromptEncoder(embed_dim=32, image_embedding_size=(grid, grid), input_image_size=(img, img), mask_in_chans=8)
+  dec = MaskDecoder(num_multimask_outputs=3, transformer_dim=32, iou_head_depth=3, iou_head_hidden_dim=32,
+                    transformer=TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64, num_heads=decoder_heads))
+  model = Sam(enc, pe, dec).eval().requires_grad_(False)
+  with torch.no_grad():
+    for name, t in model.state_dict().items():
+      if "gaussian_matrix" in name:
+        continue
+      base = 1.0 if name.endswith("weight") and t.ndim == 1 else 0.0
+      t.copy_(base + 0.2 * torch.randn_like(t))
+  return model
+
+
 def max_abs_diff(a, b, mask=None) -> float:
   a = np.asarray(a, np.float64)
   b = np.asarray(b.detach().numpy() if hasattr(b, "detach") else b, np.float64)

@@ -14,8 +14,6 @@ from conftest import max_abs_diff
 
 torch = pytest.importorskip("torch")
 conftest.stub_torchvision()
-from segment_anything.modeling import (ImageEncoderViT, MaskDecoder, PromptEncoder, Sam,  # noqa: E402
-                                       TwoWayTransformer)
 from segment_anything.modeling import image_encoder as sa_ie  # noqa: E402
 
 from jaxlisa.conversion import convert as conv_lib  # noqa: E402
@@ -39,21 +37,7 @@ def _nchw(x):
 def ref():
   """Tiny segment_anything Sam: 3 blocks (block 1 global), window 3 on an 8x8 grid (padded to 9).
   The decoder keeps SAM's 8 heads: a .pth does not say, and the converter assumes 8."""
-  torch.manual_seed(0)
-  enc = ImageEncoderViT(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=3, num_heads=2, mlp_ratio=4,
-                        out_chans=32, qkv_bias=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
-                        use_rel_pos=True, window_size=3, global_attn_indexes=(1,))
-  pe = PromptEncoder(embed_dim=32, image_embedding_size=(GRID, GRID), input_image_size=(IMG, IMG), mask_in_chans=8)
-  dec = MaskDecoder(num_multimask_outputs=3, transformer_dim=32, iou_head_depth=3, iou_head_hidden_dim=32,
-                    transformer=TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64, num_heads=8))
-  model = Sam(enc, pe, dec).eval().requires_grad_(False)
-  with torch.no_grad():  # every tensor random and O(0.2) (defaults: zero pos_embed / rel-pos, unit norms,
-    for name, t in model.state_dict().items():  # and mask logits too small for a 1e-4 check to bite)
-      if "gaussian_matrix" in name:
-        continue
-      base = 1.0 if name.endswith("weight") and t.ndim == 1 else 0.0
-      t.copy_(base + 0.2 * torch.randn_like(t))
-  return model
+  return conftest.tiny_reference_sam(depth=3, decoder_heads=8, img=IMG, patch=PATCH)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 in the converted directory) and the SamPredictor-style entry against segment_anything.SamPredictor
 on a tiny SAM whose decoder has 4 heads."""
 
-import functools
 import json
 import os
 
@@ -17,7 +16,6 @@ torch = pytest.importorskip("torch")
 conftest.stub_torchvision()
 import torchvision.transforms.functional as tvf  # noqa: E402  (the stub)
 from segment_anything import SamPredictor as RefPredictor  # noqa: E402
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer  # noqa: E402
 
 from jaxlisa.conversion import convert as conv_lib  # noqa: E402
 from jaxlisa.inference.sam_predictor import SamPredictor  # noqa: E402
@@ -28,20 +26,7 @@ IMG, PATCH, GRID, HEADS = 64, 8, 8, 4
 
 @pytest.fixture(scope="module")
 def ref_pth(tmp_path_factory):
-  torch.manual_seed(0)
-  enc = ImageEncoderViT(img_size=IMG, patch_size=PATCH, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4,
-                        out_chans=32, qkv_bias=True, norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6),
-                        use_rel_pos=True, window_size=3, global_attn_indexes=(1,))
-  pe = PromptEncoder(embed_dim=32, image_embedding_size=(GRID, GRID), input_image_size=(IMG, IMG), mask_in_chans=8)
-  dec = MaskDecoder(num_multimask_outputs=3, transformer_dim=32, iou_head_depth=3, iou_head_hidden_dim=32,
-                    transformer=TwoWayTransformer(depth=2, embedding_dim=32, mlp_dim=64, num_heads=HEADS))
-  model = Sam(enc, pe, dec).eval().requires_grad_(False)
-  with torch.no_grad():
-    for name, t in model.state_dict().items():
-      if "gaussian_matrix" in name:
-        continue
-      base = 1.0 if name.endswith("weight") and t.ndim == 1 else 0.0
-      t.copy_(base + 0.2 * torch.randn_like(t))
+  model = conftest.tiny_reference_sam(depth=2, decoder_heads=HEADS, img=IMG, patch=PATCH)
   path = str(tmp_path_factory.mktemp("sam4") / "sam_tiny4.pth")
   torch.save(model.state_dict(), path)
   return model, path
