@@ -17,7 +17,7 @@ Cases:
                with the blip2_lavis converter; the losses of one step with the same negatives are
                compared (first_loss_abs_diff).
   BLIP caption  beam search (num_beams 3, LAVIS's max_length 30 / min_length 10) after the prompt
-               "[DEC] a picture of": jaxlisa.models.blip.generate (one jitted while_loop, KV cache and
+               "[DEC] a picture of": jaxlisa.inference.captioning.blip_captions (one jitted while_loop, KV cache and
                cross-attention K/V computed once) vs BlipForConditionalGeneration.generate, the same
                random weights through the blip_hf converter; tokens compared.
 Compile time (jaxlisa's first call) is excluded and reported under compile_s. fp32 on both sides.
@@ -42,6 +42,7 @@ import transformers as tf  # noqa: E402
 from bench.common import report, timeit  # noqa: E402
 from configs import blip2_common  # noqa: E402
 from jaxlisa.conversion.convert import convert_checkpoint  # noqa: E402
+from jaxlisa.inference import captioning  # noqa: E402
 from jaxlisa.models import blip as blip_lib  # noqa: E402
 from jaxlisa.models import blip2 as blip2_lib  # noqa: E402
 from jaxlisa.tasks import blip2 as blip2_task  # noqa: E402
@@ -300,7 +301,8 @@ def bench_caption(a, extra):
   px = rs.randn(a.caption_batch, a.image_size, a.image_size, 3).astype(np.float32)
   prompt = np.array([[DEC, 1037, 3861, 1997]] * a.caption_batch)  # "[DEC] a picture of" (bert-base-uncased ids)
   kw = dict(num_beams=3, max_length=30, min_length=10)
-  run_j = lambda: jax.block_until_ready(blip_lib.generate(module, params, jnp.asarray(px), jnp.asarray(prompt), **kw))
+  run_j = lambda: jax.block_until_ready(captioning.blip_captions(module, params, jnp.asarray(px), jnp.asarray(prompt),
+                                                                 **kw))
   t0 = time.perf_counter()
   seqs, lengths = run_j()
   extra["compile_s"]["blip_generate"] = round(time.perf_counter() - t0, 1)

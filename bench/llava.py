@@ -23,6 +23,7 @@ import transformers as tf  # noqa: E402
 
 from bench.common import report, timeit  # noqa: E402
 from jaxlisa.conversion.convert import convert_checkpoint  # noqa: E402
+from jaxlisa.inference import multimodal  # noqa: E402
 from jaxlisa.models import llava  # noqa: E402
 
 
@@ -83,8 +84,8 @@ def main():
   # greedy decoding after the multimodal prompt
   for b in (1, a.batch):
     ids, mask, px = inputs(b, b)
-    run_j = lambda: llava.generate(module, params, ids, mask, px, max_new_tokens=a.new_tokens, stop_ids=(),
-                                   pad_token_id=0).tokens.block_until_ready()
+    run_j = lambda: multimodal.llava_generate(module, params, ids, mask, px, max_new_tokens=a.new_tokens, stop_ids=(),
+                                              pad_token_id=0).tokens.block_until_ready()
     tj = timeit(run_j, iters=a.iters)
     it, mt, xt = torch.tensor(ids), torch.tensor(mask), torch.tensor(px.transpose(0, 3, 1, 2).copy())
     with torch.inference_mode():

@@ -60,7 +60,7 @@ def stage1_config(vision: dict, qformer: dict, **model) -> ml_collections.Config
 
 def minigpt4qwen_config(vision: dict, qformer: dict, llm: dict, **model) -> ml_collections.ConfigDict:
   """MiniGPT4-Qwen instruction tuning (task minigpt4qwen). config.trainable = () means the model's
-  freeze switches decide (jaxlisa.models.minigpt4qwen.trainable_patterns)."""
+  freeze switches decide (jaxlisa.tasks.minigpt4qwen.trainable_patterns)."""
   config = common.trainer(ml_collections.ConfigDict())
   config.task = "minigpt4qwen"
   config.model = ml_collections.ConfigDict(dict(

@@ -3,7 +3,7 @@ txt_processors), with the architectures of the released LAVIS / MiniGPT4Qwen mod
 
     module, params, vis, txt = load_model_and_preprocess("blip_caption", "base_coco", checkpoint=path)
     pixels = vis["eval"](image)[None]           # uint8 RGB [H, W, 3] -> float32 [S, S, 3]
-    captions = blip.generate(module, params, pixels, prompt_ids)
+    captions = jaxlisa.inference.captioning.blip_captions(module, params, pixels, prompt_ids)
 
 Weights come from `checkpoint` (a LAVIS .pth, a HF directory or a converted jaxlisa directory, through
 jaxlisa.conversion); nothing is downloaded. Without one the parameters are randomly initialised (the

@@ -18,6 +18,7 @@ from jaxlisa.conversion import registry
 from jaxlisa.conversion.checkpoint_io import open_checkpoint
 from jaxlisa.conversion.convert import convert_checkpoint
 from jaxlisa.conversion.keymap import export_state, flatten_tree
+from jaxlisa.inference import beam_search, captioning
 from jaxlisa.models import blip as B
 
 TOL = 1e-4
@@ -95,7 +96,7 @@ def test_beam_search_matches_hf(pair, kw):
   ref, conv, module, _ = pair
   x, xt = _pixels(3, seed=1)
   want = _hf_generate(ref, xt, **kw)
-  seqs, lengths = B.generate(module, conv.params, x, jnp.asarray(PROMPT), **kw)
+  seqs, lengths = captioning.blip_captions(module, conv.params, x, jnp.asarray(PROMPT), **kw)
   seqs, lengths = np.asarray(seqs), np.asarray(lengths)
   got = seqs[:, :PROMPT.shape[1] + lengths.max()]  # HF crops to the longest returned hypothesis
   np.testing.assert_array_equal(got, want)
@@ -107,8 +108,9 @@ def test_greedy_sampler_matches_hf_greedy(pair):
   x, xt = _pixels(3, seed=2)
   want = _hf_generate(ref, xt, num_beams=1, do_sample=False, max_length=12, min_length=6, repetition_penalty=1.3)
   # top_p -> 0 keeps only the best token: nucleus sampling degenerates to greedy decoding
-  seqs, lengths = B.generate(module, conv.params, x, jnp.asarray(PROMPT), use_nucleus_sampling=True, top_p=1e-6,
-                             max_length=12, min_length=6, repetition_penalty=1.3, rng=jax.random.PRNGKey(3))
+  seqs, lengths = captioning.blip_captions(module, conv.params, x, jnp.asarray(PROMPT), use_nucleus_sampling=True,
+                                           top_p=1e-6, max_length=12, min_length=6, repetition_penalty=1.3,
+                                           rng=jax.random.PRNGKey(3))
   np.testing.assert_array_equal(np.asarray(seqs)[:, :want.shape[1]], want)
 
 
@@ -121,7 +123,7 @@ def test_num_beams_1_is_hf_greedy(pair):
   for seed in (1, 2, 3):
     x, xt = _pixels(3, seed=seed)
     want = _hf_generate(ref, xt, do_sample=False, **kw)
-    seqs, lengths = B.generate(module, conv.params, x, jnp.asarray(PROMPT), **kw)
+    seqs, lengths = captioning.blip_captions(module, conv.params, x, jnp.asarray(PROMPT), **kw)
     got = np.asarray(seqs)[:, :want.shape[1]]
     rows += len(want)
     same += int((got == want).all(1).sum())
@@ -134,8 +136,9 @@ def test_num_beams_1_is_hf_greedy(pair):
 def test_nucleus_sampling_is_seeded_and_stays_in_the_nucleus(pair):
   _, conv, module, _ = pair
   x, _ = _pixels(3, seed=2)
-  run = lambda key: np.asarray(B.generate(module, conv.params, x, jnp.asarray(PROMPT), use_nucleus_sampling=True,
-                                          top_p=0.9, max_length=12, min_length=6, rng=key)[0])
+  run = lambda key: np.asarray(captioning.blip_captions(module, conv.params, x, jnp.asarray(PROMPT),
+                                                        use_nucleus_sampling=True, top_p=0.9, max_length=12,
+                                                        min_length=6, rng=key)[0])
   a, b, c = run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(0)), run(jax.random.PRNGKey(1))
   np.testing.assert_array_equal(a, b)
   assert (a[:, :4] == PROMPT).all() and not np.array_equal(a, c)
@@ -190,8 +193,8 @@ def test_beam_search_finds_the_best_sequence_of_a_toy_model():
   prompt = jnp.zeros((1, p), jnp.int32)
   k = vv ** (m - p - 1)  # enough beams to keep every live prefix: the search is exhaustive
   first = table[0, jnp.zeros((k,), jnp.int32)]
-  out = B.beam_search(step, {"dummy": jnp.zeros((k, 1))}, first, prompt, num_beams=k, max_length=m, eos_ids=(eos,),
-                      fill_value=0, length_penalty=0.0, early_stopping="never")
+  out = beam_search.beam_search(step, {"dummy": jnp.zeros((k, 1))}, first, prompt, num_beams=k, max_length=m,
+                                eos_ids=(eos,), fill_value=0, length_penalty=0.0, early_stopping="never")
   logp = np.asarray(jax.nn.log_softmax(table, -1))
   best, best_seq = -np.inf, None
   for n in range(1, m - p + 1):

@@ -21,6 +21,7 @@ from jaxlisa.conversion import registry
 from jaxlisa.conversion.checkpoint_io import open_checkpoint
 from jaxlisa.conversion.convert import convert_checkpoint
 from jaxlisa.conversion.keymap import export_state, flatten_tree
+from jaxlisa.inference import captioning
 from jaxlisa.models import blip2 as B2
 
 TOL = 1e-4
@@ -107,8 +108,8 @@ def test_opt_greedy_captions_match_hf(opt_pair):
   ref, conv, module, _ = opt_pair
   x, xt = _pixels(2, seed=1)
   eos = 5
-  got = B2.generate_captions(module, conv.params, x, jnp.full((2, 1), 2, jnp.int32), jnp.ones((2, 1), jnp.int32),
-                             max_new_tokens=10, eos_token_id=eos, pad_token_id=1)
+  got = captioning.generate_captions(module, conv.params, x, jnp.full((2, 1), 2, jnp.int32),
+                                     jnp.ones((2, 1), jnp.int32), max_new_tokens=10, eos_token_id=eos, pad_token_id=1)
   hf_ids = torch.tensor([[IMAGE_TOKEN] * NQ + [2]] * 2)
   with torch.no_grad():
     want = ref.generate(pixel_values=xt, input_ids=hf_ids, max_new_tokens=10, do_sample=False, eos_token_id=eos,
@@ -127,16 +128,16 @@ def test_opt_captions_with_lavis_generate_arguments_match_hf(opt_pair):
   hf_ids = torch.tensor([[IMAGE_TOKEN] * NQ + [2]] * 2)
   prompt, pmask = jnp.full((2, 1), 2, jnp.int32), jnp.ones((2, 1), jnp.int32)
   for rp, mn in ((1.3, 0), (1.3, 3), (0.8, 2)):
-    got = B2.generate_captions(module, conv.params, x, prompt, pmask, max_new_tokens=10, eos_token_id=eos,
-                               pad_token_id=1, repetition_penalty=rp, min_length=mn, length_penalty=1.0)
+    got = captioning.generate_captions(module, conv.params, x, prompt, pmask, max_new_tokens=10, eos_token_id=eos,
+                                       pad_token_id=1, repetition_penalty=rp, min_length=mn, length_penalty=1.0)
     with torch.no_grad():
       want = ref.generate(pixel_values=xt, input_ids=hf_ids, max_new_tokens=10, do_sample=False, eos_token_id=eos,
                           pad_token_id=1, repetition_penalty=rp, min_new_tokens=mn).numpy()
     if want.shape[1] > 10:  # prompt ids returned in front of the new tokens
       want = want[:, NQ + 1:]
     np.testing.assert_array_equal(np.asarray(got.tokens)[:, :want.shape[1]], want, err_msg=str((rp, mn)))
-    seqs, lengths = B2.beam_captions(module, conv.params, x, prompt, pmask, num_beams=1, max_new_tokens=10,
-                                     eos_ids=(eos,), fill_value=1, min_new_tokens=mn, repetition_penalty=rp)
+    seqs, lengths = captioning.beam_captions(module, conv.params, x, prompt, pmask, num_beams=1, max_new_tokens=10,
+                                             eos_ids=(eos,), fill_value=1, min_new_tokens=mn, repetition_penalty=rp)
     with torch.no_grad():
       full = ref.generate(pixel_values=xt, input_ids=hf_ids, max_new_tokens=10, num_beams=1, do_sample=False,
                           eos_token_id=eos, pad_token_id=1, repetition_penalty=rp, min_new_tokens=mn).numpy()
@@ -150,8 +151,9 @@ def test_opt_beam_captions_match_hf(opt_pair):
   ref, conv, module, _ = opt_pair
   x, xt = _pixels(2, seed=1)
   kw = dict(num_beams=3, max_new_tokens=8, repetition_penalty=1.3)
-  seqs, lengths = B2.beam_captions(module, conv.params, x, jnp.full((2, 1), 2, jnp.int32), jnp.ones((2, 1), jnp.int32),
-                                   eos_ids=(50,), fill_value=1, min_new_tokens=2, **kw)
+  seqs, lengths = captioning.beam_captions(module, conv.params, x, jnp.full((2, 1), 2, jnp.int32),
+                                           jnp.ones((2, 1), jnp.int32), eos_ids=(50,), fill_value=1, min_new_tokens=2,
+                                           **kw)
   with torch.no_grad():
     want = ref.generate(pixel_values=xt, input_ids=torch.tensor([[IMAGE_TOKEN] * NQ + [2]] * 2), eos_token_id=50,
                         pad_token_id=1, min_new_tokens=2, **kw).numpy()
@@ -396,8 +398,8 @@ def test_qformer_captions_decode_the_lm_head(lavis_stage1):
   _, conv, module, _ = lavis_stage1
   sep, dec = conv.config.qformer.sep_token_id, QV - 1
   x, _ = _pixels(2, seed=6)
-  seqs, lengths = B2.qformer_captions(module, conv.params, x, use_nucleus_sampling=True, top_p=1e-6, max_length=7,
-                                      min_length=4)
+  seqs, lengths = captioning.qformer_captions(module, conv.params, x, use_nucleus_sampling=True, top_p=1e-6,
+                                              max_length=7, min_length=4)
   seqs, lengths = np.asarray(seqs), np.asarray(lengths)
   q = np.broadcast_to(np.asarray(conv.params["query_tokens"]), (2, NQ, 32))
 
@@ -419,11 +421,11 @@ def test_qformer_captions_decode_the_lm_head(lavis_stage1):
     assert n == 6 or seqs[r, n] == sep
   # num_beams=1 is greedy decoding (HF): the penalty on raw logits, like the top_p -> 0 sampler
   kw = dict(max_length=7, min_length=4, repetition_penalty=1.3)
-  greedy = B2.qformer_captions(module, conv.params, x, num_beams=1, **kw)
-  nucleus = B2.qformer_captions(module, conv.params, x, use_nucleus_sampling=True, top_p=1e-6, **kw)
+  greedy = captioning.qformer_captions(module, conv.params, x, num_beams=1, **kw)
+  nucleus = captioning.qformer_captions(module, conv.params, x, use_nucleus_sampling=True, top_p=1e-6, **kw)
   for a, b in zip(greedy, nucleus):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  beams, blen = B2.qformer_captions(module, conv.params, x, num_beams=2, max_length=7, min_length=4)
+  beams, blen = captioning.qformer_captions(module, conv.params, x, num_beams=2, max_length=7, min_length=4)
   assert (np.asarray(beams)[:, 0] == dec).all() and (np.asarray(blen) + 1 >= 4).all()
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.generation import logits_process as lp
 
-from jaxlisa.inference.generate import _filter_logits, default_pad_id, default_stop_ids, generate, left_pad, pad_batch
+from jaxlisa.inference.generate import filter_logits, default_pad_id, default_stop_ids, generate, left_pad, pad_batch
 from jaxlisa.models import llm
 
 
@@ -24,7 +24,7 @@ def test_filters_match_hf_warpers(temperature, top_k, top_p):
   for w in warpers:
     t = w(None, t)
   want = t.numpy()
-  got = np.asarray(_filter_logits(jnp.asarray(logits), temperature, top_k, top_p))
+  got = np.asarray(filter_logits(jnp.asarray(logits), temperature, top_k, top_p))
   keep_w, keep_g = np.isfinite(want) & (want > -1e30), got > -1e30
   np.testing.assert_array_equal(keep_g, keep_w)
   np.testing.assert_allclose(got[keep_g], want[keep_w], rtol=1e-6)

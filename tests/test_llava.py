@@ -24,7 +24,9 @@ from jaxlisa.conversion.checkpoint_io import CheckpointError
 from jaxlisa.conversion.convert import convert_checkpoint, export_checkpoint, load_pretrained, save_converted
 from jaxlisa.conversion.keymap import flatten_tree
 from jaxlisa.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from jaxlisa.data import llava_collate
 from jaxlisa.models import llava
+from jaxlisa.inference import multimodal
 
 TOL = 1e-4
 V, IMG, N = 128, 100, 9  # vocab, llava-hf image token id, tokens per image (42 px / patch 14)
@@ -166,8 +168,8 @@ def test_greedy_generation_matches_hf(hf, converted):
     ids[b, t - len(r):], mask[b, t - len(r):] = r, 1
   px = _pixels(2, seed=2)
   module = llava.Llava(converted.config)
-  got = llava.generate(module, converted.params, ids, mask, px, max_new_tokens=10, stop_ids=(2,),
-                       pad_token_id=0)
+  got = multimodal.llava_generate(module, converted.params, ids, mask, px, max_new_tokens=10, stop_ids=(2,),
+                                  pad_token_id=0)
   with torch.no_grad():
     want = hf[0].generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=_nchw(px),
                           max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=2)[:, t:].numpy()
@@ -383,7 +385,7 @@ def test_collate_and_merge_match_prepare_inputs_labels(hf, converted_original, c
   with torch.no_grad():
     want_e, want_l, want_m, want_p = ref_prepare_inputs_labels(embed_tokens, ids, mask, lab, feats,
                                                                c.tokenizer_model_max_length, side)
-  batch = llava.collate(c, rows, labels, counts, padding_side=side)
+  batch = llava_collate.collate(c, rows, labels, counts, padding_side=side)
   np.testing.assert_array_equal(batch.labels, want_l.numpy())
   np.testing.assert_array_equal(batch.attention_mask, want_m.numpy())
   np.testing.assert_array_equal(batch.position_ids, want_p.numpy())
@@ -417,11 +419,11 @@ def test_tokenize_prompt():
   tok.add_tokens(["<im_start>", "<im_end>", "<image>"], special_tokens=True)
   c = llava.LlavaConfig(vision=llava.CLIPVisionConfig(**VISION), image_token_index=IMAGE_TOKEN_INDEX)
   prompt = "USER: <image>\nwhat is in the image? ASSISTANT:"
-  ids = llava.tokenize_prompt(c, prompt, tok)
+  ids = llava_collate.tokenize_prompt(c, prompt, tok)
   base = tokenizer_image_token(prompt, tok)
   assert int(np.sum(ids == IMAGE_TOKEN_INDEX)) == N and len(ids) == len(base) + N - 1
   np.testing.assert_array_equal(ids[ids != IMAGE_TOKEN_INDEX], [i for i in base if i != IMAGE_TOKEN_INDEX])
-  ids = llava.tokenize_prompt(c.replace(mm_use_im_start_end=True), prompt, tok)
+  ids = llava_collate.tokenize_prompt(c.replace(mm_use_im_start_end=True), prompt, tok)
   k = int(np.argmax(ids == IMAGE_TOKEN_INDEX))
   assert ids[k - 1] == tok.convert_tokens_to_ids("<im_start>")
   assert ids[k + N] == tok.convert_tokens_to_ids("<im_end>")

@@ -18,6 +18,7 @@ from conftest import max_abs_diff
 from jaxlisa.conversion.convert import convert_checkpoint, export_checkpoint
 from jaxlisa.conversion.keymap import flatten_tree
 from jaxlisa.data import anyres
+from jaxlisa.inference import multimodal
 from jaxlisa.models import llava
 
 TOL = 1e-4
@@ -114,8 +115,8 @@ def test_greedy_generation_concatenated_crops(hf, converted, images):
   ids, mask = _rows(np.random.RandomState(2), counts, left=True)
   flat = np.concatenate([px[i, :n] for i, n in enumerate(crops)])
   module = llava.Llava(converted.config)
-  got = llava.generate(module, converted.params, ids, mask, flat, SIZES, max_new_tokens=10, stop_ids=(2,),
-                       pad_token_id=0)
+  got = multimodal.llava_generate(module, converted.params, ids, mask, flat, SIZES, max_new_tokens=10, stop_ids=(2,),
+                                  pad_token_id=0)
   with torch.no_grad():
     want = hf[0].generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), pixel_values=_nchw(px),
                           image_sizes=torch.tensor(SIZES), max_new_tokens=10, do_sample=False, pad_token_id=0,

@@ -12,10 +12,14 @@ import numpy as np
 import pytest
 
 from conftest import max_abs_diff
+from jaxlisa.data import chatml
+from jaxlisa.inference import multimodal
 from jaxlisa.models import minigpt4qwen as M
 from jaxlisa.models.eva import EVAViTConfig, EVAVisionTransformer
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
 from jaxlisa.models.qformer import QFormer, QFormerConfig
+from jaxlisa.tasks import minigpt4qwen as m4q_task
+from jaxlisa.training import optimizer as optim_lib
 
 SPECIAL = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<|extra_0|>": 3, "\n": 4}
 
@@ -88,7 +92,7 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("max_len", [96, 40])  # 40 cuts the longer conversations
 def test_preprocess_matches_original(max_len):
   tok_a, tok_b = WordTokenizer(), WordTokenizer()
-  got = M.preprocess(CONVERSATIONS, tok_a, max_len, image_len=4)
+  got = chatml.preprocess(CONVERSATIONS, tok_a, max_len, image_len=4)
   want_ids, want_targets = seed_preprocess(CONVERSATIONS, tok_b, max_len, image_len=4)
   np.testing.assert_array_equal(got["input_ids"], np.array(want_ids))
   np.testing.assert_array_equal(got["labels"], np.array(want_targets))
@@ -100,12 +104,12 @@ def test_preprocess_matches_original(max_len):
     assert (got["input_ids"][2] == 3).sum() == 8 and (got["labels"][2][got["input_ids"][2] == 3] == -100).all()
     assert (got["input_ids"][3] == 3).sum() == 5  # the literal placeholder is not stripped (original bug kept)
     with pytest.raises(ValueError, match="placeholders"):
-      M.check_placeholders(got["input_ids"], num_images=4, image_len=4, image_token_id=3)
-    M.check_placeholders(got["input_ids"][:2], num_images=2, image_len=4, image_token_id=3)
+      chatml.check_placeholders(got["input_ids"], num_images=4, image_len=4, image_token_id=3)
+    chatml.check_placeholders(got["input_ids"][:2], num_images=2, image_len=4, image_token_id=3)
 
 
 def test_chat_prompt_is_chatml():
-  text = M.chat_prompt("What is it? <ImageHere>", history=[("hi", "hello")], system="sys")
+  text = chatml.chat_prompt("What is it? <ImageHere>", history=[("hi", "hello")], system="sys")
   assert text == ("<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
                   "hello<|im_end|>\n<|im_start|>user\nWhat is it? <ImageHere><|im_end|>\n<|im_start|>assistant\n")
 
@@ -134,7 +138,7 @@ def model():
 
 def _batch():
   tok = WordTokenizer()
-  data = M.preprocess(CONVERSATIONS[:2], tok, 40, image_len=NQ)
+  data = chatml.preprocess(CONVERSATIONS[:2], tok, 40, image_len=NQ)
   x = np.random.RandomState(1).randn(2, IMG, IMG, 3).astype(np.float32)
   return x, data
 
@@ -164,20 +168,25 @@ def test_forward_equals_manual_composition(model):
   assert valid.sum() > 10
 
 
+def _mask(shapes, c):
+  """What trains under c's freeze switches (the task's patterns through the trainer's mask)."""
+  return optim_lib.trainable_mask(shapes, m4q_task.trainable_patterns(c))
+
+
 def test_freeze_switches():
   module, _ = M.MiniGPT4Qwen(CFG), None
   shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *M.dummy_inputs(CFG)))["params"]
-  on = lambda c: sorted({"/".join(k[:1]) for k, v in _flat(M.trainable_mask(shapes, c)).items() if v})
+  on = lambda c: sorted({"/".join(k[:1]) for k, v in _flat(_mask(shapes, c)).items() if v})
   assert on(CFG) == ["llm_proj"]
   assert on(CFG.replace(freeze_proj=True)) == []
   assert on(CFG.replace(freeze_vit=False, freeze_qformer=False, freeze_queries=False)) == [
       "Qformer", "llm_proj", "query_tokens", "visual_encoder"]
-  mask = _flat(M.trainable_mask(shapes, CFG.replace(unfreeze_pos_embed=True)))
+  mask = _flat(_mask(shapes, CFG.replace(unfreeze_pos_embed=True)))
   assert mask[("visual_encoder", "pos_embed")] and not mask[("visual_encoder", "cls_token")]
   lora = CFG.with_lora(rank=2)
   lshapes = nn.meta.unbox(jax.eval_shape(M.MiniGPT4Qwen(lora).init, jax.random.PRNGKey(0),
                                          *M.dummy_inputs(lora)))["params"]
-  trained = [k for k, v in _flat(M.trainable_mask(lshapes, lora)).items() if v]
+  trained = [k for k, v in _flat(_mask(lshapes, lora)).items() if v]
   assert {k[-1] for k in trained if k[0] == "llm_model"} == {"lora_a", "lora_b"}
   assert {k[-2] for k in trained if k[0] == "llm_model"} == {"q_proj", "v_proj"}
 
@@ -202,7 +211,8 @@ def test_fresh_lora_is_identity_and_greedy_answers(model):
   a = jax.jit(lambda p: module.apply({"params": p}, x, ids, mask).logits)(params)
   b = jax.jit(lambda p: lmod.apply({"params": p}, x, ids, mask).logits)(lparams)
   assert max_abs_diff(a, b) <= 1e-6
-  out = M.generate(module, params, x, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=3, stop_ids=(2, 1))
+  out = multimodal.minigpt4qwen_generate(module, params, x, jnp.asarray(ids), jnp.asarray(mask), max_new_tokens=3,
+                                         stop_ids=(2, 1))
   assert out.tokens.shape == (2, 3)
   np.testing.assert_array_equal(np.asarray(out.tokens)[:, 0], np.argmax(np.asarray(a)[:, -1], -1))
 

@@ -14,6 +14,7 @@ from PIL import Image
 from jaxlisa import registry as R
 from jaxlisa.conversion import registry as conv_registry
 from jaxlisa.conversion.keymap import export_state, flatten_tree
+from jaxlisa.inference import captioning
 from jaxlisa.models import blip as B
 
 
@@ -76,7 +77,7 @@ def test_tiny_blip_caption_round_trip(tmp_path):
   img = np.random.RandomState(0).randint(0, 256, (30, 30, 3)).astype(np.uint8)
   pixels = jnp.asarray(vis["eval"](img))[None]
   assert txt["eval"]("A DOG.") == "a picture of a dog"
-  seqs, lengths = B.generate(module2, params2, pixels, jnp.asarray([[62, 5, 6]]), num_beams=2, max_length=8,
+  seqs, lengths = captioning.blip_captions(module2, params2, pixels, jnp.asarray([[62, 5, 6]]), num_beams=2, max_length=8,
                              min_length=4)
   assert seqs.shape == (1, 8) and 1 <= int(lengths[0]) <= 5
 

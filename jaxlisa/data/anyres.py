@@ -23,22 +23,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-Size = tuple[int, int]  # (height, width)
-
-
-def select_best_resolution(original_size: Size, possible_resolutions: Sequence[Size]) -> Size:
-  """The pinpoint that keeps the most image pixels after an aspect-preserving downscale, then
-  wastes the fewest; the first one wins ties."""
-  original_height, original_width = original_size
-  best_fit, max_effective, min_wasted = None, 0, float("inf")
-  for height, width in possible_resolutions:
-    scale = min(width / original_width, height / original_height)
-    downscaled_width, downscaled_height = int(original_width * scale), int(original_height * scale)
-    effective = min(downscaled_width * downscaled_height, original_width * original_height)
-    wasted = width * height - effective
-    if effective > max_effective or (effective == max_effective and wasted < min_wasted):
-      best_fit, max_effective, min_wasted = (height, width), effective, wasted
-  return best_fit
+# the grid geometry the model packs features by lives with the model (data/ sits above models/)
+from jaxlisa.models.anyres import Size, get_anyres_image_grid_shape, select_best_resolution  # noqa: F401
 
 
 def get_patch_output_size(original_size: Size, target_resolution: Size) -> Size:
@@ -73,13 +59,6 @@ def divide_to_patches(image: np.ndarray, patch_size: int) -> np.ndarray:
   rows, cols = height // patch_size, width // patch_size
   patches = image.reshape(rows, patch_size, cols, patch_size, channels).swapaxes(1, 2)
   return patches.reshape(rows * cols, patch_size, patch_size, channels)
-
-
-def get_anyres_image_grid_shape(image_size: Size, grid_pinpoints: Sequence[Size],
-                                patch_size: int) -> tuple[int, int]:
-  """(rows, cols) of crops of side `patch_size` (the vision tower's input size)."""
-  height, width = select_best_resolution(image_size, grid_pinpoints)
-  return height // patch_size, width // patch_size
 
 
 def unpadded_feature_shape(image_size: Size, grid_pinpoints: Sequence[Size],

@@ -16,13 +16,9 @@ import dataclasses
 import enum
 from typing import Mapping, Sequence
 
-IGNORE_INDEX = -100
-IMAGE_TOKEN_INDEX = -200
-DEFAULT_IMAGE_TOKEN = "<image>"
-DEFAULT_IMAGE_PATCH_TOKEN = "<im_patch>"
-DEFAULT_IM_START_TOKEN = "<im_start>"
-DEFAULT_IM_END_TOKEN = "<im_end>"
-DEFAULT_SEG_TOKEN = "[SEG]"
+from jaxlisa.constants import (DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN,  # noqa: F401  (re-exported)
+                               DEFAULT_IMAGE_PATCH_TOKEN, DEFAULT_IMAGE_TOKEN, DEFAULT_SEG_TOKEN,
+                               IGNORE_INDEX, IMAGE_TOKEN_INDEX)
 
 # LISA utils/utils.py: question and answer phrasings sampled by the segmentation datasets.
 SHORT_QUESTION_LIST = [

@@ -101,7 +101,7 @@ def mark_seen(seen: jax.Array, ids: jax.Array) -> jax.Array:
   return jnp.zeros((b, v + 1), bool).at[:, :v].set(seen).at[jnp.arange(b)[:, None], idx].set(True)[:, :v]
 
 
-def _filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
   """logits [B, V] -> logits with -inf outside the top-k / nucleus."""
   logits = logits / jnp.maximum(temperature, 1e-6)
   neg = jnp.finfo(logits.dtype).min
@@ -179,7 +179,7 @@ def generate(module, params, input_ids: jax.Array | None, attention_mask: jax.Ar
   def pick(logits, key):
     if not do_sample:
       return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, _filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
 
   def cond(state):
     i, _, _, done, *_ = state
@@ -214,3 +214,20 @@ def generate(module, params, input_ids: jax.Array | None, attention_mask: jax.Ar
   return GenerateOutput(tokens=tokens, lengths=first_stop.astype(jnp.int32),
                         last_hidden=hidden if collect_hidden else None,
                         prompt_hidden=out.last_hidden_state if collect_prompt_hidden else None)
+
+
+@functools.partial(jax.jit, static_argnames=("module",))
+def embed_inputs(module, params, *args, **kwargs):
+  """`module.embed_inputs(*args, **kwargs)` under jit: every multimodal family's images + ids ->
+  (inputs_embeds [B, T, D], attention_mask [B, T]) for its decoder LM (None kwargs are fine)."""
+  return module.apply({"params": params}, *args, method="embed_inputs", **kwargs)
+
+
+def generate_from_embeds(text_config: llm_lib.DecoderConfig, lm_params, inputs_embeds: jax.Array,
+                         attention_mask: jax.Array, **kw) -> GenerateOutput:
+  """`generate` on the decoder LM `DecoderLM(text_config)` whose params are the sub-tree `lm_params`
+  of a multimodal model (params['language_model'], ['opt_model'], ['llm_model']), after the prefix
+  inputs_embeds [B, P, D] with attention_mask [B, P] (left padded; from the model's `embed_inputs`).
+  kw: `generate`'s options (max_new_tokens, stop_ids, pad_token_id, do_sample, collect_hidden, ...)."""
+  return generate(llm_lib.DecoderLM(text_config), lm_params, None, jnp.asarray(attention_mask),
+                  inputs_embeds=inputs_embeds, **kw)

@@ -35,10 +35,9 @@ import numpy as np
 from jaxlisa.data import conversation as conv_lib
 from jaxlisa.data import tokenization as tok_lib
 from jaxlisa.data.preprocess import clip_preprocess, sam_preprocess
-from jaxlisa.inference.generate import generate, left_pad
+from jaxlisa.inference.generate import generate_from_embeds, left_pad
 from jaxlisa.models import sam as sam_lib
 from jaxlisa.models.lisa import Lisa
-from jaxlisa.models.llava import merge_image_features
 from jaxlisa.models.llm import DecoderLM
 
 
@@ -68,14 +67,11 @@ def build_prompt(question: str, conv_type: str = "llava_v1", use_mm_start_end: b
 @functools.partial(jax.jit, static_argnames=("model",))
 def _encode(model: Lisa, params, input_ids, clip_pixels, sam_pixels):
   """input_ids [B, P] with placeholders; one image per prompt -> (inputs_embeds, SAM embeddings)."""
-  c = model.config
-  image_tokens, image_embeddings = model.apply({"params": params}, clip_pixels, sam_pixels,
-                                               method=Lisa.image_features)
-  image_mask = input_ids == c.llava.image_token_index
-  embeds = model.apply({"params": params}, input_ids, None, image_mask=image_mask,
-                       method=lambda m, *a, **k: m.llava.embed(*a, **k))
-  row_offset = jnp.arange(input_ids.shape[0]) * c.num_image_tokens
-  return merge_image_features(embeds, image_mask, image_tokens, row_offset), image_embeddings
+  def fn(m):
+    image_tokens, image_embeddings = m.image_features(clip_pixels, sam_pixels)
+    embeds, _ = m.embed_inputs(input_ids, None, image_tokens)
+    return embeds, image_embeddings
+  return model.apply({"params": params}, method=fn)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -151,10 +147,9 @@ def segment(model: Lisa, params, tokenizer, images: Sequence[np.ndarray], prompt
   t = c.llava.text
   eos = t.eos_token_id if isinstance(t.eos_token_id, tuple) else (t.eos_token_id,)
   if answers is None:
-    out = generate(DecoderLM(t), params["llava"]["language_model"], None, jnp.asarray(mask),
-                   inputs_embeds=embeds, max_new_tokens=max_new_tokens,
-                   stop_ids=tuple(e for e in eos if e is not None), pad_token_id=t.pad_token_id or 0,
-                   streamer=streamer, collect_hidden=True, collect_prompt_hidden=prompt_seg_masks)
+    out = generate_from_embeds(t, params["llava"]["language_model"], embeds, mask, max_new_tokens=max_new_tokens,
+                               stop_ids=tuple(e for e in eos if e is not None), pad_token_id=t.pad_token_id or 0,
+                               streamer=streamer, collect_hidden=True, collect_prompt_hidden=prompt_seg_masks)
     tokens, lengths, hidden, prompt_hidden = jax.device_get((out.tokens, out.lengths, out.last_hidden,
                                                              out.prompt_hidden))
   else:

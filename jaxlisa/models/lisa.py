@@ -127,6 +127,18 @@ class Lisa(nn.Module):
     SAM image embeddings [I, h, w, C]); each image encoded once."""
     return self.llava.image_tokens(clip_pixels), self.visual_model.encode_image(sam_pixels)
 
+  def embed_inputs(self, input_ids: jax.Array, attention_mask: jax.Array, image_tokens: jax.Array,
+                   convs_per_image: int = 1):
+    """Decoding entry: input_ids / attention_mask [C, T] with placeholders; conversation c reads image
+    c // convs_per_image of image_tokens [I * N, D] (from `image_features`) -> (inputs_embeds [C, T, D],
+    attention_mask [C, T])."""
+    c = self.config
+    image_mask = input_ids == c.llava.image_token_index
+    row_offset = (jnp.arange(input_ids.shape[0]) // convs_per_image) * c.num_image_tokens
+    embeds = merge_image_features(self.llava.embed(input_ids, None, image_mask=image_mask), image_mask,
+                                  image_tokens, row_offset)
+    return embeds, attention_mask
+
   def decode_masks(self, seg_embeddings: jax.Array, image_embeddings: jax.Array, image_index: jax.Array):
     """seg_embeddings [P, out_dim] (after text_hidden_fcs); image_index [P] -> low-res mask
     logits [P, 4h, 4w] (multimask_output=False, as LISA)."""
@@ -147,12 +159,8 @@ class Lisa(nn.Module):
     k = c.max_seg_per_conversation
     image_tokens, image_embeddings = self.image_features(clip_pixels, sam_pixels)
     ids = input_ids.reshape(n_img * n_conv, t)
-    image_mask = ids == c.llava.image_token_index
-    row_offset = (jnp.arange(n_img * n_conv) // n_conv) * c.num_image_tokens
-    embeds = merge_image_features(self.llava.embed(ids, None, image_mask=image_mask), image_mask,
-                                  image_tokens, row_offset)
-    out = self.llava.language_model(None, attention_mask.reshape(n_img * n_conv, t), inputs_embeds=embeds,
-                                    deterministic=deterministic)
+    embeds, mask = self.embed_inputs(ids, attention_mask.reshape(n_img * n_conv, t), image_tokens, n_conv)
+    out = self.llava.language_model(None, mask, inputs_embeds=embeds, deterministic=deterministic)
     pos, valid = seg_positions(ids, c.seg_token_idx, k)  # [C, K]
     hidden = jnp.take_along_axis(out.last_hidden_state, pos[..., None], axis=1)  # [C, K, D]
     seg = self.text_hidden_fcs(hidden)

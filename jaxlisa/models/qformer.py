@@ -44,12 +44,12 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxlisa.constants import IGNORE_INDEX
 from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models import attention as attn_lib
 from jaxlisa.models.layers import DenseGeneral, Embed, LayerNorm, activation, constrain
 
 BATCH_LEN_EMBED = ("activation_batch", "activation_length", "activation_embed")
-IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """MiniGPT4-Qwen instruction tuning: EVA ViT + Q-Former -> llm_proj -> Qwen, ChatML next-token loss on
-the assistant turns (jaxlisa.models.minigpt4qwen.preprocess target masking).
+the assistant turns (jaxlisa.data.chatml.preprocess target masking).
 
 config.model      MiniGPT4QwenConfig fields: vision, qformer, llm {DecoderConfig}, image_token_id,
                   max_txt_len, freeze_vit / unfreeze_pos_embed / freeze_qformer / freeze_queries /
@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from jaxlisa import tasks
-from jaxlisa.data import image_text, synthetic_captions
+from jaxlisa.data import chatml, image_text, synthetic_captions
 from jaxlisa.models import minigpt4qwen as m4q
 from jaxlisa.models.qformer import IGNORE_INDEX
 from jaxlisa.registry import ImageEvalProcessor
@@ -51,8 +51,29 @@ def model_config_from(config, tokenizer) -> m4q.MiniGPT4QwenConfig:
   if q.get("vocab_size", -1) == -1:
     q["vocab_size"] = 1  # no text parts (use_text=False): unused
   if d.get("image_token_id", -1) == -1:
-    d["image_token_id"] = int(tokenizer.convert_tokens_to_ids(m4q.IMAGE_TOKEN))
+    d["image_token_id"] = int(tokenizer.convert_tokens_to_ids(chatml.IMAGE_TOKEN))
   return m4q.MiniGPT4QwenConfig.from_dict({**d, "vision": vision, "qformer": q, "llm": llm})
+
+
+def trainable_patterns(c: m4q.MiniGPT4QwenConfig) -> list[str]:
+  """Regexes (full match on '/'-joined param paths, for jaxlisa.training.optimizer.trainable_mask) of what
+  trains under the model config's freeze switches (minigpt4qwen.yaml defaults: only llm_proj)."""
+  pats = []
+  if not c.freeze_vit:
+    pats.append(r"visual_encoder/(?!ln_vision/).*")
+  elif c.unfreeze_pos_embed:
+    pats.append(r"visual_encoder/pos_embed")
+  if not c.freeze_qformer:
+    pats += [r"Qformer/.*", r"visual_encoder/ln_vision/.*"]
+  if not c.freeze_queries:
+    pats.append(r"query_tokens")
+  if not c.freeze_proj:
+    pats.append(r"llm_proj/.*")
+  if not c.freeze_llm:
+    pats.append(r"llm_model/.*")
+  elif c.llm.lora_rank > 0:
+    pats.append(r"llm_model/.*/lora_[ab]")
+  return pats
 
 
 def stage1_parts(path: str, c: m4q.MiniGPT4QwenConfig) -> dict:
@@ -104,7 +125,7 @@ class Task(tasks.Task):
     """ChatML ids / labels of every conversation (MiniGPT4Qwen.preprocess), one image each."""
     c = self.model_config
     convs = [synthetic_captions.conversations(a) for a in anns]
-    arrays = m4q.preprocess(convs, self.tokenizer, c.max_txt_len, image_len=c.num_query_tokens)
+    arrays = chatml.preprocess(convs, self.tokenizer, c.max_txt_len, image_len=c.num_query_tokens)
     ids = arrays["input_ids"]
     counts = (ids == c.image_token_id).sum(1)
     bad = np.flatnonzero(counts != c.num_query_tokens)
@@ -123,7 +144,7 @@ class Task(tasks.Task):
     return self.model.init(rng, *m4q.dummy_inputs(self.model_config))["params"]
 
   def trainable_mask(self, params):
-    pats = tuple(self.config.trainable) or tuple(m4q.trainable_patterns(self.model_config))
+    pats = tuple(self.config.trainable) or tuple(trainable_patterns(self.model_config))
     return optim_lib.trainable_mask(params, pats, tuple(self.config.frozen))
 
   def pretrained(self):
