@@ -30,12 +30,12 @@ from typing import Any, Sequence
 
 from absl import logging
 
+from jaxlisa.constants import IMAGE_TOKEN_INDEX
 from jaxlisa.conversion import llm as llm_conv
 from jaxlisa.conversion import vision as vision_conv
 from jaxlisa.conversion.checkpoint_io import CheckpointError, open_checkpoint, read_config_json
 from jaxlisa.conversion.keymap import LINEAR, Rule
 from jaxlisa.conversion.registry import Family, any_key, register
-from jaxlisa.data.conversation import IMAGE_TOKEN_INDEX
 from jaxlisa.models import llava as llava_lib
 from jaxlisa.models.clip import CLIPVisionConfig
 from jaxlisa.models.llava import Llava, LlavaConfig

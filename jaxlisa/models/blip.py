@@ -31,9 +31,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxlisa.constants import IGNORE_INDEX
 from jaxlisa.models.eva import EVAViTConfig, EVAVisionTransformer
 from jaxlisa.models.layers import constrain
-from jaxlisa.models.qformer import (IGNORE_INDEX, BATCH_LEN_EMBED, BertEmbeddings, DenseLayerNorm, Intermediate,
+from jaxlisa.models.qformer import (BATCH_LEN_EMBED, BertEmbeddings, DenseLayerNorm, Intermediate,
                                     QFormerAttention, QFormerConfig, _OnlyMLMHead, lm_cross_entropy,
                                     self_attention_mask)
 

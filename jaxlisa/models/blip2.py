@@ -41,10 +41,11 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from jaxlisa.constants import IGNORE_INDEX
 from jaxlisa.models.eva import EVAViTConfig, EVAVisionTransformer
 from jaxlisa.models.layers import DenseGeneral
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
-from jaxlisa.models.qformer import IGNORE_INDEX, QFormer, QFormerConfig, lm_cross_entropy
+from jaxlisa.models.qformer import QFormer, QFormerConfig, lm_cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)

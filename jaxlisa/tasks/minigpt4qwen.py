@@ -30,9 +30,9 @@ import numpy as np
 from absl import logging
 
 from jaxlisa import tasks
+from jaxlisa.constants import IGNORE_INDEX
 from jaxlisa.data import chatml, image_text, synthetic_captions
 from jaxlisa.models import minigpt4qwen as m4q
-from jaxlisa.models.qformer import IGNORE_INDEX
 from jaxlisa.registry import ImageEvalProcessor
 from jaxlisa.tasks.blip2 import convert_part, convert_whole, corpus_texts, data_dir, fit_to
 from jaxlisa.training import optimizer as optim_lib
