@@ -15,7 +15,6 @@ from jaxlisa import registry as R
 from jaxlisa.conversion import registry as conv_registry
 from jaxlisa.conversion.keymap import export_state, flatten_tree
 from jaxlisa.inference import captioning
-from jaxlisa.models import blip as B
 
 
 def lavis_pre_caption(caption, max_words=50):

@@ -28,6 +28,7 @@ from jaxlisa.models.layers import DenseGeneral
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
 from jaxlisa.models.qformer import QFormerConfig, lm_cross_entropy
 
+
 @dataclasses.dataclass(frozen=True)
 class MiniGPT4QwenConfig:
   vision: EVAViTConfig = dataclasses.field(default_factory=EVAViTConfig.eva_vit_g)
