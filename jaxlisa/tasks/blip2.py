@@ -39,7 +39,7 @@ from flax import traverse_util
 from jaxlisa import tasks
 from jaxlisa.data import image_text, synthetic_captions
 from jaxlisa.models import blip2 as blip2_lib
-from jaxlisa.registry import ImageEvalProcessor, pre_caption
+from jaxlisa.data.lavis_processors import ImageEvalProcessor, pre_caption
 
 
 # ----------------------------------------------------------------------------- shared helpers

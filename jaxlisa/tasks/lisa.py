@@ -118,13 +118,13 @@ class Task(tasks.Task):
     heads = init.get("sam_decoder_num_heads", 0)
     sam_overrides = {"decoder_num_heads": int(heads)} if heads else None  # a .pth cannot say it
     if self.pretrained_dir:
-      from jaxlisa.conversion.lisa import load_lisa  # pylint: disable=import-outside-toplevel
+      from jaxlisa.conversion.loaders import load_lisa  # pylint: disable=import-outside-toplevel
       pre = load_lisa(self.pretrained_dir, clip_src=init.clip or None, sam_overrides=sam_overrides)
       if pre.tokenizer is None:
         raise ValueError(f"{self.pretrained_dir} has no tokenizer files (tokenizer.json / tokenizer.model)")
       return pre.config, pre.params, pre.tokenizer
     if compose and compose.get("llava"):
-      from jaxlisa.conversion.lisa import compose_lisa  # pylint: disable=import-outside-toplevel
+      from jaxlisa.conversion.loaders import compose_lisa  # pylint: disable=import-outside-toplevel
       m = self.config.model
       cfg, params, tok = compose_lisa(compose.llava, compose.clip or None, compose.sam,
                                       compose.get("tokenizer") or compose.llava,

@@ -33,7 +33,7 @@ from jaxlisa import tasks
 from jaxlisa.data import image_text, synthetic_captions
 from jaxlisa.models import minigpt4qwen as m4q
 from jaxlisa.models.qformer import IGNORE_INDEX
-from jaxlisa.registry import ImageEvalProcessor
+from jaxlisa.data.lavis_processors import ImageEvalProcessor
 from jaxlisa.tasks.blip2 import convert_part, convert_whole, corpus_texts, data_dir, fit_to
 from jaxlisa.training import optimizer as optim_lib
 
@@ -60,12 +60,12 @@ def stage1_parts(path: str, c: m4q.MiniGPT4QwenConfig) -> dict:
   converted directory), read with this model's vision / Q-Former architecture (a .pth has no
   config) and the checkpoint's own text vocabulary; the text parts come along (fit_to drops them)."""
   from jaxlisa.conversion import convert as convert_lib  # pylint: disable=import-outside-toplevel
-  from jaxlisa.conversion import registry  # pylint: disable=import-outside-toplevel
+  from jaxlisa.conversion import families  # pylint: disable=import-outside-toplevel
   from jaxlisa.conversion.checkpoint_io import open_checkpoint  # pylint: disable=import-outside-toplevel
   if convert_lib.is_converted(path):
     params = convert_lib.load_params(path)
   else:
-    found = registry.get_family("blip2_lavis").config_from_hf(None, open_checkpoint(path))
+    found = families.get_family("blip2_lavis").config_from_hf(None, open_checkpoint(path))
     q = c.qformer.replace(use_text=True, lm_head=True, vocab_size=found.qformer.vocab_size,
                           max_position_embeddings=found.qformer.max_position_embeddings)
     params = convert_lib.convert_checkpoint(path, family="blip2_lavis",

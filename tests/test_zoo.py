@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from jaxlisa import registry as R
-from jaxlisa.conversion import registry as conv_registry
+from jaxlisa import zoo as R
+from jaxlisa.conversion import families as conv_families
 from jaxlisa.conversion.keymap import export_state, flatten_tree
 from jaxlisa.models import blip as B
 
@@ -63,7 +63,7 @@ def test_zoo_real_architectures_have_the_released_sizes():
 
 def test_tiny_blip_caption_round_trip(tmp_path):
   module, params, vis, txt = R.load_model_and_preprocess("blip_caption", "tiny", seed=3)
-  state = export_state(params, conv_registry.get_family("blip_lavis").export_rules(module.config, ()))
+  state = export_state(params, conv_families.get_family("blip_lavis").export_rules(module.config, ()))
   path = str(tmp_path / "blip_tiny.pth")
   torch.save({"model": {k: torch.tensor(np.ascontiguousarray(v)) for k, v in state.items()}}, path)
   module2, params2, _, _ = R.load_model_and_preprocess("blip_caption", "tiny", checkpoint=path)
@@ -88,5 +88,5 @@ def test_tiny_models_build(name):
   module = cls(config)
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *R._dummy(module, config))["params"]  # pylint: disable=protected-access
   assert "visual_encoder" in shapes and "query_tokens" in shapes
-  assert conv_registry.get_family(family).build(config) == module
+  assert conv_families.get_family(family).build(config) == module
   assert R.ImageEvalProcessor(size)(np.zeros((10, 12, 3), np.uint8)).shape == (size, size, 3)
