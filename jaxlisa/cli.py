@@ -273,9 +273,9 @@ class _TrainProgress:
 
 
 def run_train(config, workdir: str) -> None:
-  from jaxlisa import parallel  # pylint: disable=import-outside-toplevel
+  from jaxlisa import parallel, tasks  # pylint: disable=import-outside-toplevel
   from jaxlisa.training.trainer import Hooks, Trainer  # pylint: disable=import-outside-toplevel
-  trainer = Trainer(config, workdir)
+  trainer = Trainer(config, workdir, tasks.prepared_task(config, workdir))
   bar = _TrainProgress(workdir) if parallel.is_primary() else Hooks()  # one progress display / event file per run
   try:
     result = trainer.fit(bar)
@@ -302,14 +302,19 @@ def _log_to_workdir(workdir: str) -> None:
     flags.FLAGS.stderrthreshold = "warning"
 
 
-def _inference_params(config, workdir: str):
-  """(task, params, step, mesh, rules) for eval / segment: params only (inference_params)."""
+def _inference_params(config, workdir: str, prepare: bool = False):
+  """(task, params, step, mesh, rules) for eval / segment / serve: params only (inference_params).
+  The task's prepare() (dataset, tokenizer) runs when `prepare` (eval reads the dataset) or on
+  random weights (allow_random_init: a fresh workdir has no tokenizer); segment and serve on a
+  trained workdir or on init.pretrained write nothing."""
   from jaxlisa import tasks  # pylint: disable=import-outside-toplevel
   from jaxlisa.training import inference_params as ip  # pylint: disable=import-outside-toplevel
-  print(f"loading weights ({'checkpoint in ' + workdir if ip.ckpt_lib.find_params(workdir) else 'init.pretrained'})",
-        flush=True)
+  trained = ip.ckpt_lib.find_params(workdir)
+  print(f"loading weights ({'checkpoint in ' + workdir if trained else 'init.pretrained'})", flush=True)
   mesh, rules = ip.setup(config)
   task = tasks.get_task(config, workdir)
+  if prepare or (trained is None and not ip.has_pretrained(config)):
+    task.prepare()
   params, step = ip.task_params(task, config, workdir, mesh, rules)
   return task, params, step, mesh, rules
 
@@ -326,7 +331,7 @@ def _check_weights(config, workdir: str) -> None:
 def run_eval(config, workdir: str) -> None:
   """Validation only (the official --eval_only): metrics of the latest checkpoint's params."""
   from jaxlisa.training import inference_params as ip  # pylint: disable=import-outside-toplevel
-  task, params, step, mesh, rules = _inference_params(config, workdir)
+  task, params, step, mesh, rules = _inference_params(config, workdir, prepare=True)
   total = None
   try:
     data = task.eval_data()

@@ -85,6 +85,10 @@ def test_data_iterator_resumes_exactly(tmp_path):
   from jaxlisa.tasks.blip2 import Task  # pylint: disable=import-outside-toplevel
   c = cfg_lib.load_config(SPEC)
   task = Task(c, str(tmp_path))
+  assert not os.listdir(tmp_path)  # the pure part writes nothing
+  with pytest.raises(ValueError, match="prepare"):
+    task.model_config  # pylint: disable=pointless-statement  (no tokenizer before prepare())
+  task.prepare()
   it = task.train_data()
   for _ in range(3):
     next(it)
@@ -133,6 +137,7 @@ def test_init_pretrained_from_a_lavis_pth(tmp_path):
   from jaxlisa.models import blip2 as B  # pylint: disable=import-outside-toplevel
   from jaxlisa.tasks.blip2 import Task, _touch_params  # pylint: disable=import-outside-toplevel
   task = Task(cfg_lib.load_config(SPEC), str(tmp_path / "wd"))
+  task.prepare()
   c = task.model_config
   params = _random_params(task.model, B.dummy_inputs(c)[0], method=_touch_params)
   state = export_state(params, families.get_family("blip2_lavis").export_rules(c, ()))

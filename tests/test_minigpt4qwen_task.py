@@ -49,7 +49,9 @@ def test_trains_validates_checkpoints_resumes_and_loss_falls(run):
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
   from jaxlisa.tasks.minigpt4qwen import Task  # pylint: disable=import-outside-toplevel
-  return Task(cfg_lib.load_config(SPEC), str(tmp_path_factory.mktemp("m4q_task")))
+  task = Task(cfg_lib.load_config(SPEC), str(tmp_path_factory.mktemp("m4q_task")))
+  task.prepare()
+  return task
 
 
 def test_batches_placeholders_and_targets(task):

@@ -21,6 +21,7 @@ Validation: loss and next-token accuracy over the supervised (assistant) tokens.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import flax.linen as nn
@@ -29,30 +30,27 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxlisa import tasks
 from jaxlisa.data import image_text, synthetic_captions
 from jaxlisa.models import minigpt4qwen as m4q
 from jaxlisa.models.qformer import IGNORE_INDEX
-from jaxlisa.data.lavis_processors import ImageEvalProcessor
-from jaxlisa.tasks.blip2 import convert_part, convert_whole, corpus_texts, data_dir, fit_to
+from jaxlisa.tasks import model_config
+from jaxlisa.tasks.blip2 import CaptionDataTask, convert_part, convert_whole, fit_to
 from jaxlisa.training import optimizer as optim_lib
 
 
-def model_config_from(config, tokenizer) -> m4q.MiniGPT4QwenConfig:
-  d = config.model.to_dict()
-  vision, q, llm = dict(d["vision"]), dict(d["qformer"]), dict(d["llm"])
-  if llm.get("vocab_size", -1) == -1:
-    llm["vocab_size"] = len(tokenizer)
-  if len(tokenizer) > llm["vocab_size"]:
-    raise ValueError(f"tokenizer has {len(tokenizer)} tokens > llm.vocab_size {llm['vocab_size']}")
+def _resolve_ids(d: dict, tokenizer) -> None:
+  llm, q = d["llm"], d["qformer"]
   llm.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id, bos_token_id=None)
   if q.get("encoder_hidden_size", -1) == -1:
-    q["encoder_hidden_size"] = vision["hidden_size"]
+    q["encoder_hidden_size"] = d["vision"]["hidden_size"]
   if q.get("vocab_size", -1) == -1:
     q["vocab_size"] = 1  # no text parts (use_text=False): unused
   if d.get("image_token_id", -1) == -1:
     d["image_token_id"] = int(tokenizer.convert_tokens_to_ids(m4q.IMAGE_TOKEN))
-  return m4q.MiniGPT4QwenConfig.from_dict({**d, "vision": vision, "qformer": q, "llm": llm})
+
+
+def model_config_from(config, tokenizer) -> m4q.MiniGPT4QwenConfig:
+  return model_config.from_tokenizer(config, tokenizer, m4q.MiniGPT4QwenConfig, "llm", _resolve_ids)
 
 
 def stage1_parts(path: str, c: m4q.MiniGPT4QwenConfig) -> dict:
@@ -73,32 +71,26 @@ def stage1_parts(path: str, c: m4q.MiniGPT4QwenConfig) -> dict:
   return {k: params[k] for k in ("visual_encoder", "Qformer", "query_tokens") if k in params}
 
 
-class Task(tasks.Task):
+class Task(CaptionDataTask):
   """MiniGPT4-Qwen: next-token loss on the assistant turns of image conversations."""
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
-    d = config.data
-    self.base_dir = data_dir(config, workdir)
-    root = d.image_root or self.base_dir
-    self.train_ann = synthetic_captions.read_json(os.path.join(self.base_dir, d.train_ann))
-    self.val_ann = synthetic_captions.read_json(os.path.join(self.base_dir, d.val_ann)) if d.val_ann else []
-    self.tokenizer = self._tokenizer()
-    self.model_config = model_config_from(config, self.tokenizer)
-    self.model = m4q.MiniGPT4Qwen(self.model_config)
-    self.processor = ImageEvalProcessor(self.model_config.vision.image_size)
-    self.train_source = self._source(self.train_ann, root, "train")
-    self.val_source = self._source(self.val_ann, root, "val") if self.val_ann else None
+  TEXT_KEYS = ("instruction", "output")
 
-  def _tokenizer(self):
-    init, d = self.config.init, self.config.data
-    if init.tokenizer:
-      from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-      return AutoTokenizer.from_pretrained(init.tokenizer, trust_remote_code=True)
-    texts = corpus_texts(self.base_dir, self.train_ann, ("instruction", "output"))
-    return synthetic_captions.load_or_train(os.path.join(self.workdir, "tokenizer"),
-                                            synthetic_captions.train_chatml_tokenizer, texts,
-                                            vocab_size=d.vocab_size)
+  def _pretrained_tokenizer(self, path: str):
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+
+  def _train_tokenizer(self, texts):
+    return synthetic_captions.load_or_train(self.tokenizer_dir, synthetic_captions.train_chatml_tokenizer, texts,
+                                            vocab_size=self.config.data.vocab_size)
+
+  @functools.cached_property
+  def model_config(self) -> m4q.MiniGPT4QwenConfig:
+    return model_config_from(self.config, self.tokenizer)
+
+  @functools.cached_property
+  def model(self) -> m4q.MiniGPT4Qwen:
+    return m4q.MiniGPT4Qwen(self.model_config)
 
   def _source(self, anns, root, split):
     """ChatML ids / labels of every conversation (MiniGPT4Qwen.preprocess), one image each."""
@@ -156,15 +148,6 @@ class Task(tasks.Task):
     n = valid.sum()
     acc = ((jnp.argmax(out.logits[:, :-1], -1) == targets) * valid).sum() / jnp.maximum(n, 1.0)
     return out.loss, {"accuracy": acc, "weight": n}
-
-  # ---------------------------------------------------------------------------------- data
-  def train_data(self):
-    return image_text.train_iterator(self.train_source, self.config.batch_size, self.config.seed)
-
-  def eval_data(self):
-    if self.val_source is None:
-      return None
-    return image_text.eval_batches(self.val_source, self.config.batch_size)
 
   def describe(self):
     c = self.model_config
