@@ -70,9 +70,9 @@ def resolve_spec(spec: str) -> str:
   return resolve_config_path(path) + colon + arg
 
 
-def _config_spec(argv: list[str]) -> str:
-  """The --config value in argv (last wins, as absl), else the default."""
-  spec = DEFAULT_CONFIG
+def _config_spec(argv: list[str], default: str = DEFAULT_CONFIG) -> str:
+  """The --config value in argv (last wins, as absl), else `default`."""
+  spec = default
   for i, tok in enumerate(argv[1:], 1):
     if tok == "--":
       break
@@ -132,25 +132,37 @@ def _fail(prog: str, msg: str) -> None:
   sys.exit(2)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """Validate the config and its --config.* overrides (clean exit 2), print --help, then define
-  the --config flag (its default is loaded, with argv's overrides, at definition) and let absl parse."""
+def define_config_flag(argv: list[str], default_spec: str = DEFAULT_CONFIG, flag_values=None):
+  """For a program whose config comes from `--config FILE.py[:ARG]` and `--config.a.b=v`
+  overrides (main.py, tools/plan.py): resolve the --config values in argv (resolve_spec), load the
+  config and check the overrides against it (an unknown key exits 2 with one line naming the
+  closest keys), then define the --config flag on flag_values (default absl's FLAGS) for that argv.
+  Returns (resolved argv, config spec, the config as loaded without overrides)."""
   prog = os.path.basename(argv[0])
   argv = _resolve_argv(argv)
-  spec = _config_spec(argv)
+  spec = _config_spec(argv, resolve_spec(default_spec))
   try:
     config = cfg_lib.load_config(spec)
     cfg_lib.validate_overrides(config, argv)
   except cfg_lib.ConfigError as e:
     _fail(prog, str(e))
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  if "config" not in flag_values:
+    config_flags.DEFINE_config_file(
+        "config", default=resolve_spec(default_spec), flag_values=flag_values, sys_argv=argv,
+        help_string="config file, 'path.py' or 'path.py:arg' (get_config(arg)); override fields with --config.a.b=v")
+  return argv, spec, config
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Validate the config and its --config.* overrides (clean exit 2), print --help, then define
+  the --config flag (its default is loaded, with argv's overrides, at definition) and let absl parse."""
+  prog = os.path.basename(argv[0])
+  argv, spec, config = define_config_flag(argv)
   if any(a in ("-h", "--help", "-help", "--h") for a in argv[1:]):
     sys.stdout.write(help_text(prog, spec, config))
     sys.exit(0)
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  if "config" not in flags.FLAGS:
-    config_flags.DEFINE_config_file(
-        "config", default=resolve_spec(DEFAULT_CONFIG),
-        help_string="config file, 'path.py' or 'path.py:arg' (get_config(arg)); override fields with --config.a.b=v")
   if "workdir" not in flags.FLAGS:
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, config); default ./workdir/<config name>")
   try:

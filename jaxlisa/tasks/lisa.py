@@ -84,11 +84,15 @@ def collate_config(config, model_config: LisaConfig) -> lisa_collate.CollateConf
 class Task(TaskBase):
   """LISA: CE + BCE + dice on [SEG] masks; gIoU / cIoU validation."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, model_config: LisaConfig | None = None):
+    """model_config: the architecture, given instead of read off the tokenizer / checkpoint (the
+    planner's shapes: then init, loss and collate need neither)."""
     super().__init__(config, workdir)
     self.base_dir = config.data.base_dir or os.path.join(workdir, "data")
     self.pretrained_dir = config.init.pretrained
     self.tokenizer_dir = os.path.join(workdir, "tokenizer")
+    if model_config is not None:
+      self.__dict__["model_config"] = model_config  # the cached_property's value
 
   def has_pretrained(self) -> bool:
     """Whether the weights (and so the architecture and tokenizer) come from init.pretrained / compose."""
