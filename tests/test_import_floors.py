@@ -142,9 +142,10 @@ def violations() -> list[str]:
       if _unit(target) != _unit(f):
         unit_edges.setdefault(_unit(f), set()).add(_unit(target))
   for comp in _cycles(unit_edges):
+    # the imports that close the circle: those not pointing down
     where = [f"{f}:{line} -> {t}" for f in files if _unit(f) in comp for line, t in graph[f]
-             if _unit(t) in comp and _unit(t) != _unit(f)]
-    out.append(f"circle between packages {' <-> '.join(comp)}: " + "; ".join(where))
+             if _unit(t) in comp and _unit(t) != _unit(f) and FLOOR_OF[_unit(t)] >= FLOOR_OF[_unit(f)]]
+    out.append(f"circle between packages {' <-> '.join(comp)}, closed by: " + "; ".join(where))
   file_edges = {f: {t for _, t in graph[f]} for f in files}
   for comp in _cycles(file_edges):
     where = [f"{f}:{line} -> {t}" for f in comp for line, t in graph[f] if t in comp]

@@ -72,9 +72,12 @@ def saved_tokenizer(directory: str):
 class CaptionDataTask(TaskBase):
   """What the BLIP-2 and MiniGPT4-Qwen tasks share: LAVIS-layout annotations under data_dir, a
   tokenizer from init.tokenizer or trained on the annotations' texts by prepare(), and image-text
-  sources read lazily. Subclasses give TEXT_KEYS, _train_tokenizer(texts) and _source(anns, root, split)."""
+  sources read lazily. Subclasses give TEXT_KEYS, MODEL, model_config_from(config, tokenizer),
+  _pretrained_tokenizer(path), _train_tokenizer(texts) and _source(anns, root, split)."""
 
   TEXT_KEYS: tuple[str, ...] = ()
+  MODEL: type = type(None)  # the linen module class, built from model_config
+  model_config_from = None  # staticmethod(config, tokenizer) -> the model config
 
   def __init__(self, config, workdir: str):
     super().__init__(config, workdir)
@@ -100,6 +103,14 @@ class CaptionDataTask(TaskBase):
     if self.config.init.tokenizer:
       return self._pretrained_tokenizer(self.config.init.tokenizer)
     return saved_tokenizer(self.tokenizer_dir)
+
+  @functools.cached_property
+  def model_config(self):
+    return self.model_config_from(self.config, self.tokenizer)  # pylint: disable=not-callable
+
+  @functools.cached_property
+  def model(self):
+    return self.MODEL(self.model_config)
 
   @functools.cached_property
   def processor(self):
@@ -205,6 +216,8 @@ class Task(CaptionDataTask):
   """BLIP-2 stage 1: ITC + ITM + ITG; losses and in-batch retrieval recall@1 on validation."""
 
   TEXT_KEYS = ("caption",)
+  MODEL = blip2_lib.Blip2Qformer
+  model_config_from = staticmethod(model_config_from)
 
   def _pretrained_tokenizer(self, path: str):
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
@@ -216,14 +229,6 @@ class Task(CaptionDataTask):
     texts = [pre_caption(t, self.config.data.max_words) for t in texts]
     return synthetic_captions.load_or_train(self.tokenizer_dir, synthetic_captions.train_bert_tokenizer, texts,
                                             vocab_size=self.config.data.vocab_size)
-
-  @functools.cached_property
-  def model_config(self) -> blip2_lib.Blip2Config:
-    return model_config_from(self.config, self.tokenizer)
-
-  @functools.cached_property
-  def model(self) -> blip2_lib.Blip2Qformer:
-    return blip2_lib.Blip2Qformer(self.model_config)
 
   def _source(self, anns, root, split):
     """Captions through LAVIS's blip_caption processor, tokenized as LAVIS (padding to max_txt_len)."""

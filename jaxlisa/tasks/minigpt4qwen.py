@@ -21,7 +21,6 @@ Validation: loss and next-token accuracy over the supervised (assistant) tokens.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import flax.linen as nn
@@ -75,6 +74,8 @@ class Task(CaptionDataTask):
   """MiniGPT4-Qwen: next-token loss on the assistant turns of image conversations."""
 
   TEXT_KEYS = ("instruction", "output")
+  MODEL = m4q.MiniGPT4Qwen
+  model_config_from = staticmethod(model_config_from)
 
   def _pretrained_tokenizer(self, path: str):
     from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
@@ -83,14 +84,6 @@ class Task(CaptionDataTask):
   def _train_tokenizer(self, texts):
     return synthetic_captions.load_or_train(self.tokenizer_dir, synthetic_captions.train_chatml_tokenizer, texts,
                                             vocab_size=self.config.data.vocab_size)
-
-  @functools.cached_property
-  def model_config(self) -> m4q.MiniGPT4QwenConfig:
-    return model_config_from(self.config, self.tokenizer)
-
-  @functools.cached_property
-  def model(self) -> m4q.MiniGPT4Qwen:
-    return m4q.MiniGPT4Qwen(self.model_config)
 
   def _source(self, anns, root, split):
     """ChatML ids / labels of every conversation (MiniGPT4Qwen.preprocess), one image each."""
