@@ -33,7 +33,7 @@ from jaxlisa.data.lisa_datasets import ValDataset, build_hybrid
 from jaxlisa.evaluation import seg_metrics
 from jaxlisa.models.lisa import Lisa, LisaConfig
 from jaxlisa.tasks import model_config
-from jaxlisa.training import losses
+from jaxlisa.training import inference_params, losses
 from jaxlisa.training.task import TaskBase
 
 
@@ -94,15 +94,11 @@ class Task(TaskBase):
     if model_config is not None:
       self.__dict__["model_config"] = model_config  # the cached_property's value
 
-  def has_pretrained(self) -> bool:
-    """Whether the weights (and so the architecture and tokenizer) come from init.pretrained / compose."""
-    return bool(self.pretrained_dir) or bool(self.config.init.get("compose", {}).get("llava"))
-
   def prepare(self):
     """Write the synthetic shapes dataset to workdir/data once (when config.data.base_dir is '') and,
     without pretrained weights, train the tokenizer on its corpus into workdir/tokenizer once."""
     self._ensure_data()
-    if not self.has_pretrained() and "tokenizer" not in self.__dict__:
+    if not inference_params.has_pretrained(self.config) and "tokenizer" not in self.__dict__:
       self.__dict__["tokenizer"] = self._tokenizer()
 
   @functools.cached_property
