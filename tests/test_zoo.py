@@ -14,6 +14,7 @@ from PIL import Image
 from jaxlisa import zoo as R
 from jaxlisa.conversion import families as conv_families
 from jaxlisa.conversion.keymap import export_state, flatten_tree
+from jaxlisa.data.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from jaxlisa.models import blip as B
 
 
@@ -38,7 +39,7 @@ def test_image_processors():
   img = np.random.RandomState(0).randint(0, 256, (40, 60, 3)).astype(np.uint8)
   got = R.ImageEvalProcessor(28)(img)
   resized = np.asarray(Image.fromarray(img).resize((28, 28), Image.BICUBIC)).astype(np.float32) / 255
-  want = (resized - np.array(R.OPENAI_CLIP_MEAN, np.float32)) / np.array(R.OPENAI_CLIP_STD, np.float32)
+  want = (resized - np.array(OPENAI_CLIP_MEAN, np.float32)) / np.array(OPENAI_CLIP_STD, np.float32)
   np.testing.assert_allclose(got, want, atol=1e-6)
   train = R.ImageTrainProcessor(28, seed=1)
   a, b = train(img), train(img)
