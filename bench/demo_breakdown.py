@@ -39,11 +39,12 @@ def breakdown(workdir: str, val_dataset: str = "ReasonSeg|val") -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   from jaxlisa import config as config_lib, parallel  # pylint: disable=import-outside-toplevel
+  from jaxlisa.tasks import prepared_task  # pylint: disable=import-outside-toplevel
   from jaxlisa.training.trainer import Trainer  # pylint: disable=import-outside-toplevel
 
   config = ml_collections.ConfigDict(_tuples(config_lib.read_config(workdir)))
   config.data.val_dataset = val_dataset
-  trainer = Trainer(config, workdir)
+  trainer = Trainer(config, workdir, prepared_task(config, workdir))
   state, _, step = trainer.restore_or_init()
   task = trainer.task
   with open(os.path.join(task.base_dir, "shapes_meta.json")) as f:

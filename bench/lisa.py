@@ -556,7 +556,8 @@ def main():
   with tempfile.TemporaryDirectory() as workdir:
     config = trainer_config(conv.config, a)
     t0 = time.perf_counter()
-    task = lisa_task.Task(config, workdir)  # writes a tiny synthetic dataset, trains its tokenizer
+    task = lisa_task.Task(config, workdir)
+    task.prepare()  # writes a tiny synthetic dataset, trains its tokenizer
     extra["task_init_s"] = round(time.perf_counter() - t0, 1)
     # segment first: the train step updates the PyTorch weights in place
     seg_rows = bench_segment(ref, conv, a, task.tokenizer, extra)

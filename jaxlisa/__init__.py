@@ -18,6 +18,6 @@ def __getattr__(name):
 
 
 def load_model_and_preprocess(name: str, model_type: str = "tiny", **kw):
-  """LAVIS-style model zoo (jaxlisa/registry.py); imported on first use."""
-  from jaxlisa.registry import load_model_and_preprocess as load  # pylint: disable=import-outside-toplevel
+  """LAVIS-style model zoo (jaxlisa/zoo.py); imported on first use."""
+  from jaxlisa.zoo import load_model_and_preprocess as load  # pylint: disable=import-outside-toplevel
   return load(name, model_type, **kw)

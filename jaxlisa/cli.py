@@ -70,9 +70,9 @@ def resolve_spec(spec: str) -> str:
   return resolve_config_path(path) + colon + arg
 
 
-def _config_spec(argv: list[str]) -> str:
-  """The --config value in argv (last wins, as absl), else the default."""
-  spec = DEFAULT_CONFIG
+def _config_spec(argv: list[str], default: str = DEFAULT_CONFIG) -> str:
+  """The --config value in argv (last wins, as absl), else `default`."""
+  spec = default
   for i, tok in enumerate(argv[1:], 1):
     if tok == "--":
       break
@@ -132,25 +132,37 @@ def _fail(prog: str, msg: str) -> None:
   sys.exit(2)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """Validate the config and its --config.* overrides (clean exit 2), print --help, then define
-  the --config flag (its default is loaded, with argv's overrides, at definition) and let absl parse."""
+def define_config_flag(argv: list[str], default_spec: str = DEFAULT_CONFIG, flag_values=None):
+  """For a program whose config comes from `--config FILE.py[:ARG]` and `--config.a.b=v`
+  overrides (main.py, tools/plan.py): resolve the --config values in argv (resolve_spec), load the
+  config and check the overrides against it (an unknown key exits 2 with one line naming the
+  closest keys), then define the --config flag on flag_values (default absl's FLAGS) for that argv.
+  Returns (resolved argv, config spec, the config as loaded without overrides)."""
   prog = os.path.basename(argv[0])
   argv = _resolve_argv(argv)
-  spec = _config_spec(argv)
+  spec = _config_spec(argv, resolve_spec(default_spec))
   try:
     config = cfg_lib.load_config(spec)
     cfg_lib.validate_overrides(config, argv)
   except cfg_lib.ConfigError as e:
     _fail(prog, str(e))
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  if "config" not in flag_values:
+    config_flags.DEFINE_config_file(
+        "config", default=resolve_spec(default_spec), flag_values=flag_values, sys_argv=argv,
+        help_string="config file, 'path.py' or 'path.py:arg' (get_config(arg)); override fields with --config.a.b=v")
+  return argv, spec, config
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Validate the config and its --config.* overrides (clean exit 2), print --help, then define
+  the --config flag (its default is loaded, with argv's overrides, at definition) and let absl parse."""
+  prog = os.path.basename(argv[0])
+  argv, spec, config = define_config_flag(argv)
   if any(a in ("-h", "--help", "-help", "--h") for a in argv[1:]):
     sys.stdout.write(help_text(prog, spec, config))
     sys.exit(0)
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-  if "config" not in flags.FLAGS:
-    config_flags.DEFINE_config_file(
-        "config", default=resolve_spec(DEFAULT_CONFIG),
-        help_string="config file, 'path.py' or 'path.py:arg' (get_config(arg)); override fields with --config.a.b=v")
   if "workdir" not in flags.FLAGS:
     flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, config); default ./workdir/<config name>")
   try:
@@ -273,9 +285,9 @@ class _TrainProgress:
 
 
 def run_train(config, workdir: str) -> None:
-  from jaxlisa import parallel  # pylint: disable=import-outside-toplevel
+  from jaxlisa import parallel, tasks  # pylint: disable=import-outside-toplevel
   from jaxlisa.training.trainer import Hooks, Trainer  # pylint: disable=import-outside-toplevel
-  trainer = Trainer(config, workdir)
+  trainer = Trainer(config, workdir, tasks.prepared_task(config, workdir))
   bar = _TrainProgress(workdir) if parallel.is_primary() else Hooks()  # one progress display / event file per run
   try:
     result = trainer.fit(bar)
@@ -302,14 +314,19 @@ def _log_to_workdir(workdir: str) -> None:
     flags.FLAGS.stderrthreshold = "warning"
 
 
-def _inference_params(config, workdir: str):
-  """(task, params, step, mesh, rules) for eval / segment: params only (inference_params)."""
+def _inference_params(config, workdir: str, prepare: bool = False):
+  """(task, params, step, mesh, rules) for eval / segment / serve: params only (inference_params).
+  The task's prepare() (dataset, tokenizer) runs when `prepare` (eval reads the dataset) or on
+  random weights (allow_random_init: a fresh workdir has no tokenizer); segment and serve on a
+  trained workdir or on init.pretrained write nothing."""
   from jaxlisa import tasks  # pylint: disable=import-outside-toplevel
   from jaxlisa.training import inference_params as ip  # pylint: disable=import-outside-toplevel
-  print(f"loading weights ({'checkpoint in ' + workdir if ip.ckpt_lib.find_params(workdir) else 'init.pretrained'})",
-        flush=True)
+  trained = ip.ckpt_lib.find_params(workdir)
+  print(f"loading weights ({'checkpoint in ' + workdir if trained else 'init.pretrained'})", flush=True)
   mesh, rules = ip.setup(config)
   task = tasks.get_task(config, workdir)
+  if prepare or (trained is None and not ip.has_pretrained(config)):
+    task.prepare()
   params, step = ip.task_params(task, config, workdir, mesh, rules)
   return task, params, step, mesh, rules
 
@@ -326,7 +343,7 @@ def _check_weights(config, workdir: str) -> None:
 def run_eval(config, workdir: str) -> None:
   """Validation only (the official --eval_only): metrics of the latest checkpoint's params."""
   from jaxlisa.training import inference_params as ip  # pylint: disable=import-outside-toplevel
-  task, params, step, mesh, rules = _inference_params(config, workdir)
+  task, params, step, mesh, rules = _inference_params(config, workdir, prepare=True)
   total = None
   try:
     data = task.eval_data()

@@ -95,6 +95,7 @@ def run_main_then_resume(spec: str, workdir, stop_after: int):
   compilation cache serves main.py's programs). Returns (main.py's stdout, Trainer.fit's result)."""
   import subprocess  # pylint: disable=import-outside-toplevel
   from jaxlisa import config as cfg_lib  # pylint: disable=import-outside-toplevel
+  from jaxlisa.tasks import prepared_task  # pylint: disable=import-outside-toplevel
   from jaxlisa.training.trainer import Trainer  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
@@ -103,7 +104,8 @@ def run_main_then_resume(spec: str, workdir, stop_after: int):
                        timeout=600, env=env)
   assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-3000:]
   with jax.default_matmul_precision(None):
-    trainer = Trainer(cfg_lib.load_config(spec), str(workdir))
+    config = cfg_lib.load_config(spec)
+    trainer = Trainer(config, str(workdir), prepared_task(config, str(workdir)))
     try:
       result = trainer.fit()
     finally:

@@ -14,7 +14,7 @@ import torch
 import transformers as tf
 
 from conftest import max_abs_diff
-from jaxlisa.conversion import registry
+from jaxlisa.conversion import families
 from jaxlisa.conversion.checkpoint_io import open_checkpoint
 from jaxlisa.conversion.convert import convert_checkpoint
 from jaxlisa.conversion.keymap import export_state, flatten_tree
@@ -148,7 +148,7 @@ def test_nucleus_sampling_is_seeded_and_stays_in_the_nucleus(pair):
 def test_export_and_lavis_names(pair, tmp_path):
   ref, conv, _, d = pair
   src = open_checkpoint(d)
-  back = export_state(conv.params, registry.get_family("blip_hf").export_rules(conv.config, ()))
+  back = export_state(conv.params, families.get_family("blip_hf").export_rules(conv.config, ()))
   hf_names = set(src.keys()) - {"text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"}
   assert sorted(back) == sorted(hf_names)
   # The same weights under BLIP / LAVIS names (timm ViT with a final `norm`) convert to the same params.
@@ -167,7 +167,7 @@ def test_export_and_lavis_names(pair, tmp_path):
     state[k2] = v
   path = str(tmp_path / "model_base_capfilt_large.pth")
   torch.save({"model": state}, path)
-  fam = registry.detect_family(None, open_checkpoint(path).keys())
+  fam = families.detect_family(None, open_checkpoint(path).keys())
   c = fam.config_from_hf(None, open_checkpoint(path))
   assert fam.name == "blip_lavis" and c.text.bos_token_id == DEC
   over = {"vision": c.vision.replace(num_attention_heads=4, layer_norm_eps=1e-5, ln_vision_eps=1e-5),

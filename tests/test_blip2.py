@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import transformers as tf
 
 from conftest import max_abs_diff
-from jaxlisa.conversion import registry
+from jaxlisa.conversion import families
 from jaxlisa.conversion.checkpoint_io import open_checkpoint
 from jaxlisa.conversion.convert import convert_checkpoint
 from jaxlisa.conversion.keymap import export_state, flatten_tree
@@ -164,7 +164,7 @@ def test_opt_beam_captions_match_hf(opt_pair):
 def test_opt_export_round_trip(opt_pair):
   _, conv, _, d = opt_pair
   src = open_checkpoint(d)
-  back = export_state(conv.params, registry.get_family("blip2_opt_hf").export_rules(conv.config, ()))
+  back = export_state(conv.params, families.get_family("blip2_opt_hf").export_rules(conv.config, ()))
   for k, v in back.items():
     want = src.get(k)
     if k.endswith("qkv.bias"):  # (q, 0, v): the k part is not a parameter here
@@ -184,7 +184,7 @@ def test_lavis_blip2_opt_file_converts_to_the_same_params(opt_pair, tmp_path):
   path = str(tmp_path / "blip2_opt.pth")
   torch.save({"model": state}, path)
   src = open_checkpoint(path)
-  fam = registry.detect_family(None, src.keys())
+  fam = families.detect_family(None, src.keys())
   c = fam.config_from_hf(None, src)
   assert fam.name == "blip2_opt_lavis" and c.text.num_attention_heads == 1  # width 32: heads of 64 guessed
   over = {"vision": c.vision.replace(num_attention_heads=4, ln_vision_eps=1e-6),
@@ -295,7 +295,7 @@ def lavis_stage1(ret_pair, tmp_path_factory):
   path = str(tmp_path_factory.mktemp("blip2_lavis") / "blip2_pretrained.pth")
   torch.save({"model": state}, path)
   src = open_checkpoint(path)
-  fam = registry.detect_family(None, src.keys())
+  fam = families.detect_family(None, src.keys())
   c = fam.config_from_hf(None, src)
   # tiny widths: give the head counts (LAVIS files carry no config) and HF's ln eps of the reference
   over = {"vision": c.vision.replace(num_attention_heads=4, ln_vision_eps=1e-6),
@@ -446,7 +446,7 @@ def test_extract_features_modes(lavis_stage1):
 
 def test_lavis_export_round_trip(lavis_stage1):
   state, conv, _, fam = lavis_stage1
-  back = export_state(conv.params, registry.get_family(fam).export_rules(conv.config, ()))
+  back = export_state(conv.params, families.get_family(fam).export_rules(conv.config, ()))
   dropped = {"Qformer.cls.predictions.decoder.weight", "Qformer.cls.predictions.decoder.bias",
              "Qformer.bert.embeddings.position_ids"}
   assert sorted(back) == sorted(set(state) - dropped)

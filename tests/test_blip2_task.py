@@ -85,6 +85,10 @@ def test_data_iterator_resumes_exactly(tmp_path):
   from jaxlisa.tasks.blip2 import Task  # pylint: disable=import-outside-toplevel
   c = cfg_lib.load_config(SPEC)
   task = Task(c, str(tmp_path))
+  assert not os.listdir(tmp_path)  # the pure part writes nothing
+  with pytest.raises(ValueError, match="prepare"):
+    task.model_config  # pylint: disable=pointless-statement  (no tokenizer before prepare())
+  task.prepare()
   it = task.train_data()
   for _ in range(3):
     next(it)
@@ -106,7 +110,7 @@ def test_light_init_builds_every_parameter():
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
   from jaxlisa.models import blip2 as B  # pylint: disable=import-outside-toplevel
-  from jaxlisa.registry import MODEL_ZOO  # pylint: disable=import-outside-toplevel
+  from jaxlisa.zoo import MODEL_ZOO  # pylint: disable=import-outside-toplevel
   from jaxlisa.tasks.blip2 import _touch_params  # pylint: disable=import-outside-toplevel
   c = MODEL_ZOO["blip2"]["tiny"][0]()
   m = B.Blip2Qformer(c)
@@ -128,14 +132,15 @@ def test_init_pretrained_from_a_lavis_pth(tmp_path):
   comes back as the task's pretrained params, every tensor equal."""
   import torch  # pylint: disable=import-outside-toplevel
   from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  from jaxlisa.conversion import registry  # pylint: disable=import-outside-toplevel
+  from jaxlisa.conversion import families  # pylint: disable=import-outside-toplevel
   from jaxlisa.conversion.keymap import export_state  # pylint: disable=import-outside-toplevel
   from jaxlisa.models import blip2 as B  # pylint: disable=import-outside-toplevel
   from jaxlisa.tasks.blip2 import Task, _touch_params  # pylint: disable=import-outside-toplevel
   task = Task(cfg_lib.load_config(SPEC), str(tmp_path / "wd"))
+  task.prepare()
   c = task.model_config
   params = _random_params(task.model, B.dummy_inputs(c)[0], method=_touch_params)
-  state = export_state(params, registry.get_family("blip2_lavis").export_rules(c, ()))
+  state = export_state(params, families.get_family("blip2_lavis").export_rules(c, ()))
   assert "Qformer.cls.predictions.transform.dense.weight" in state and "temp" in state
   path = str(tmp_path / "blip2_stage1.pth")
   torch.save({"model": {k: torch.tensor(np.asarray(v)) for k, v in state.items()}}, path)

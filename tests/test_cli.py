@@ -74,10 +74,10 @@ def test_progress_off_a_terminal_is_one_line_per_interval():
   assert len(lines) == 10 and lines[-1].startswith("train 100/100 steps") and "loss=1" in lines[-1]
 
 
-def test_converter_family_list_is_the_registry():
+def test_converter_family_list_is_the_family_table():
   sys.path.insert(0, os.path.join(ROOT, "tools"))
   import convert_torch_weights  # pylint: disable=import-outside-toplevel
-  from jaxlisa.conversion import registry  # pylint: disable=import-outside-toplevel
-  assert sorted(convert_torch_weights.FAMILIES) == sorted(registry.families())
+  from jaxlisa.conversion import families  # pylint: disable=import-outside-toplevel
+  assert sorted(convert_torch_weights.FAMILIES) == sorted(families.families())
   assert convert_torch_weights.parse_overrides(["decoder_num_heads=8", "x=0.5", "b=true", "s=abc"]) == {
       "decoder_num_heads": 8, "x": 0.5, "b": True, "s": "abc"}

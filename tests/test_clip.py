@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import max_abs_diff
-from jaxlisa.conversion import keymap, registry
+from jaxlisa.conversion import families, keymap
 from jaxlisa.conversion.checkpoint_io import CheckpointError
 from jaxlisa.conversion.convert import convert_checkpoint
 from jaxlisa.conversion.vision import CLIP_SKIP, clip_config_from_hf, clip_vision_rules, find_clip_prefix
@@ -138,7 +138,7 @@ def test_llava_prefixes(ref, converted, prefix):
   state["model.layers.0.self_attn.q_proj.weight"] = np.zeros((4, 4), np.float32)  # LLM keys around it
   state["model.mm_projector.weight"] = np.zeros((4, 32), np.float32)
   assert find_clip_prefix(list(state)) == prefix
-  expected = registry.abstract_params(registry.get_family("clip_vision"), converted.config)
+  expected = families.abstract_params(families.get_family("clip_vision"), converted.config)
   params = keymap.convert_state(state, clip_vision_rules(converted.config, prefix), expected,
                                 skip=CLIP_SKIP + (r"^(?!" + prefix.replace(".", r"\.") + ")",))
   for path, v in keymap.flatten_tree(converted.params).items():
@@ -166,7 +166,7 @@ def test_export_round_trip(ref, converted):
 def test_missing_key_is_named(ref, converted):
   state = _hf_state(ref[0])
   del state["encoder.layers.1.mlp.fc2.bias"]
-  expected = registry.abstract_params(registry.get_family("clip_vision"), converted.config)
+  expected = families.abstract_params(families.get_family("clip_vision"), converted.config)
   with pytest.raises(CheckpointError, match="encoder/layers/mlp/fc2/bias"):
     keymap.convert_state(state, clip_vision_rules(None, ""), expected)
 

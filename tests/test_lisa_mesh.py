@@ -57,6 +57,10 @@ def _workdir(base: str, name: str) -> str:
   return wd
 
 
+def _trainer(config, workdir: str) -> Trainer:
+  return Trainer(config, workdir, tasks.prepared_task(config, workdir))
+
+
 def abstract_saved(trainer: Trainer) -> dict:
   """Restore target of a checkpoint on this trainer's mesh, without initialising anything."""
   with jax.set_mesh(trainer.mesh):
@@ -92,11 +96,10 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from tests.test_lisa_mesh import MESHES, STEPS, _config, _flat, _workdir, abstract_saved, run_steps
-    from jaxlisa.training.trainer import Trainer
+    from tests.test_lisa_mesh import MESHES, STEPS, _config, _flat, _trainer, _workdir, abstract_saved, run_steps
     base, out = {base!r}, {{}}
     if {devices} == 1:
-      t = Trainer(_config(data=1), _workdir(base, "ref"))
+      t = _trainer(_config(data=1), _workdir(base, "ref"))
       init, state, _, losses = run_steps(t)
       np.savez(os.path.join(base, "..", "ref.npz"), **_flat(state.trainable))
       np.savez(os.path.join(base, "..", "ref_init.npz"), **_flat(init.trainable))
@@ -105,7 +108,7 @@ SCRIPT = textwrap.dedent("""
       host = None
       for name in {meshes!r}:
         mesh = MESHES[name]
-        t = Trainer(_config(**mesh), _workdir(base, name))
+        t = _trainer(_config(**mesh), _workdir(base, name))
         init, state, data, losses = run_steps(t, host)
         if host is None:
           host = init  # every mesh of this process starts from the same host state
@@ -118,7 +121,7 @@ SCRIPT = textwrap.dedent("""
           final = state
         t.close()
     if "fsdp8" in out:  # the fsdp=8 checkpoint restored on data=2 x fsdp=4
-      t = Trainer(_config(data=2, fsdp=4), _workdir(base, "fsdp8"))
+      t = _trainer(_config(data=2, fsdp=4), _workdir(base, "fsdp8"))
       saved, _ = t.checkpoints.restore(STEPS, abstract_saved(t))
       a, b = _flat(saved["trainable"]), _flat(final.trainable)
       out["restore_equal"] = all(np.array_equal(a[k], b[k]) for k in b) and a.keys() == b.keys()
@@ -150,7 +153,7 @@ def _result(proc) -> dict:
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("lisa_mesh")
   base = str(root / "base")
-  tasks.get_task(_config(), base)  # writes the synthetic dataset and trains the tokenizer once
+  tasks.prepared_task(_config(), base)  # writes the synthetic dataset and trains the tokenizer once
   # three processes for two cores: compile time dominates and they balance (2, 3 and 2 compiles)
   procs = [_spawn(1, base), _spawn(8, base, ["data8", "fsdp8"]), _spawn(8, base, ["d2f2t2"])]
   out = {}
@@ -193,7 +196,7 @@ def test_checkpoint_restores_across_meshes(runs):
   specs = out["restore_specs"]
   assert specs["['llava']['language_model']['lm_head']['kernel']"] == "P('fsdp', 'tensor')"
   # and on 1 device (this process), from the same fsdp=8 checkpoint
-  t = Trainer(_config(data=-1), _workdir(base, "fsdp8"))
+  t = _trainer(_config(data=-1), _workdir(base, "fsdp8"))
   assert t.mesh.devices.size == 1
   saved, data_state = t.checkpoints.restore(STEPS, abstract_saved(t))
   t.close()

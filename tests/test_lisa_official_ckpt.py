@@ -65,7 +65,7 @@ def _main(workdir, official, *args):
 
 
 def test_official_checkpoint_loads_exactly(official):
-  from jaxlisa.conversion.lisa import load_lisa  # pylint: disable=import-outside-toplevel
+  from jaxlisa.conversion.loaders import load_lisa  # pylint: disable=import-outside-toplevel
   got = load_lisa(official["ckpt"], clip_src=official["clip"])
   flat_a = jax.tree_util.tree_leaves_with_path(got.params)
   flat_b = dict(jax.tree_util.tree_leaves_with_path(official["params"]))

@@ -33,7 +33,8 @@ conftest.stub_torchvision()
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer  # noqa: E402,E501
 
 from jaxlisa.conversion import lisa as lisa_conv  # noqa: E402
-from jaxlisa.conversion import registry  # noqa: E402
+from jaxlisa.conversion import families  # noqa: E402
+from jaxlisa.conversion import loaders  # noqa: E402
 from jaxlisa.conversion.checkpoint_io import CheckpointError  # noqa: E402
 from jaxlisa.conversion.convert import export_checkpoint, load_pretrained, save_converted  # noqa: E402
 from jaxlisa.conversion.keymap import flatten_tree  # noqa: E402
@@ -503,15 +504,15 @@ def test_config_from_official_files(converted):
 
 def test_detection(files):
   keys = list(files["state"])
-  assert registry.detect_family(None, keys).name == "lisa"
-  assert registry.detect_family(_lisa_config_json("x"), keys).name == "lisa"
+  assert families.detect_family(None, keys).name == "lisa"
+  assert families.detect_family(_lisa_config_json("x"), keys).name == "lisa"
   no_fcs = [k for k in keys if "text_hidden_fcs" not in k]
-  assert registry.detect_family(None, no_fcs).name == "lisa"  # visual_model + LLaMA layers
+  assert families.detect_family(None, no_fcs).name == "lisa"  # visual_model + LLaMA layers
 
 
 def test_sharded_bin_and_load_pretrained(files, converted, tmp_path):
   """pytorch_model-0000{1,2}-of-00002.bin with its index; and load_pretrained on a directory whose
-  config.json names a local CLIP directory (the registry path), saved and reloaded."""
+  config.json names a local CLIP directory (the family table's path), saved and reloaded."""
   d = tmp_path / "sharded"
   d.mkdir()
   keys = sorted(files["state"])
@@ -617,7 +618,7 @@ def parts(ref, files, tmp_path_factory):
 def test_compose_lisa_from_llama(parts, ref, how):
   old = len(parts["tok"])
   tok = _tiny_tokenizer()
-  config, params, tok = lisa_conv.compose_lisa(parts["llama_dir"], parts["clip"], parts["sam"], tok,
+  config, params, tok = loaders.compose_lisa(parts["llama_dir"], parts["clip"], parts["sam"], tok,
                                                new_token_init=how)
   assert len(tok) == old + 3 and tok.padding_side == "right" and tok.pad_token == tok.unk_token
   assert config.seg_token_idx == tok.convert_tokens_to_ids("[SEG]") == old  # added first, not special
@@ -671,7 +672,7 @@ def test_compose_lisa_from_original_llava(parts, files, converted, tmp_path):
          "mm_vision_tower": "openai/x", "mm_hidden_size": CLIP["hidden_size"], "mm_vision_select_layer": -2,
          "mm_use_im_start_end": False}
   d = _write_dir(tmp_path / "llava", state, cfg, added_tokens=False)
-  config, params, tok = lisa_conv.compose_lisa(d, parts["clip"], parts["sam"], tok)
+  config, params, tok = loaders.compose_lisa(d, parts["clip"], parts["sam"], tok)
   assert config.llava.mm_use_im_start_end and config.llava.text.vocab_size == n_tok + 3
   want = converted.params["llava"]
   _trees_equal(params["llava"]["multi_modal_projector"], want["multi_modal_projector"])

@@ -18,8 +18,9 @@ import transformers as tf
 from safetensors.numpy import load_file, save_file
 
 from conftest import max_abs_diff
-from jaxlisa.conversion import registry
+from jaxlisa.conversion import families
 from jaxlisa.conversion import llava as llava_conv
+from jaxlisa.conversion import loaders
 from jaxlisa.conversion.checkpoint_io import CheckpointError
 from jaxlisa.conversion.convert import convert_checkpoint, export_checkpoint, load_pretrained, save_converted
 from jaxlisa.conversion.keymap import flatten_tree
@@ -135,8 +136,8 @@ def test_family_and_config(hf, converted):
   assert c.text.num_key_value_heads == 2 and c.vision.image_size == 42
   assert llava.LlavaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
   keys = list(load_file(os.path.join(hf[1], "model.safetensors")))
-  assert not registry.get_family("llama").detect(None, keys)
-  assert registry.detect_family(None, keys).name == "llava_hf"
+  assert not families.get_family("llama").detect(None, keys)
+  assert families.detect_family(None, keys).name == "llava_hf"
 
 
 def test_logits_one_image_per_sample(hf, converted):
@@ -281,7 +282,7 @@ def test_original_converter(original, converted, converted_original):
   # the tower from a CLIP directory passed as an argument, or found through mm_vision_tower
   _trees_equal(llava_conv.convert_llava(original["separate"], clip=original["clip"]).params, conv.params)
   _trees_equal(llava_conv.convert_llava(original["auto"]).params, conv.params)
-  loaded = llava_conv.load_llava(original["separate"], clip=original["clip"], with_tokenizer=False)
+  loaded = loaders.load_llava(original["separate"], clip=original["clip"], with_tokenizer=False)
   assert loaded.config == c and loaded.family == "llava_original"
   with pytest.raises(CheckpointError, match="clip="):
     convert_checkpoint(original["separate"])
@@ -300,7 +301,7 @@ def test_linear_projector_names():
   srcs = {r.src for r in llava_conv.original_rules(c, keys)}
   assert {"model.mm_projector.weight", "model.mm_projector.bias"} <= srcs
   assert not any(s.startswith("model.mm_projector.0") for s in srcs)
-  abstract = registry.abstract_params(registry.get_family("llava_original"), c)
+  abstract = families.abstract_params(families.get_family("llava_original"), c)
   assert abstract["multi_modal_projector"]["linear_1"]["kernel"].shape == (32, 64)
   assert "linear_2" not in abstract["multi_modal_projector"]
 

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxlisa import config as cfg_lib
 from jaxlisa import parallel
+from jaxlisa.tasks import prepared_task
 from jaxlisa.training import checkpoints as ckpt_lib
 from jaxlisa.training.trainer import Trainer, read_metrics
 
@@ -56,8 +57,10 @@ SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import jax
     from tests.test_mesh import _config
+    from jaxlisa.tasks import prepared_task
     from jaxlisa.training.trainer import Trainer
-    t = Trainer(_config(data=2, fsdp=2, tensor=2), {workdir!r})
+    c = _config(data=2, fsdp=2, tensor=2)
+    t = Trainer(c, {workdir!r}, prepared_task(c, {workdir!r}))
     state, data, _ = t.restore_or_init()
     flat = jax.tree_util.tree_flatten_with_path
     spec = lambda tree: {{jax.tree_util.keystr(k): str(v.sharding.spec) for k, v in flat(tree)[0]}}
@@ -100,7 +103,7 @@ def test_shardings_on_8_devices(sharded_run):
 @pytest.fixture(scope="module")
 def single_device_trainer(sharded_run, tmp_path_factory):
   workdir, _ = sharded_run  # reuses the tokenizer the 8-device run trained and saved
-  return Trainer(_config(data=-1), workdir)
+  return Trainer(_config(data=-1), workdir, prepared_task(_config(data=-1), workdir))
 
 
 def test_same_losses_and_cross_mesh_resume(sharded_run, single_device_trainer):

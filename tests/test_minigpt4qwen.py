@@ -221,18 +221,18 @@ def test_state_dict_round_trip_through_the_converter(model, tmp_path):
   """Export under the PyTorch model's names (llm_model.transformer.* for Qwen), save a .pth, convert it
   back: the family is detected, the config inferred from shapes, every tensor lands where it was."""
   import torch  # pylint: disable=import-outside-toplevel
-  from jaxlisa.conversion import registry  # pylint: disable=import-outside-toplevel
+  from jaxlisa.conversion import families  # pylint: disable=import-outside-toplevel
   from jaxlisa.conversion.checkpoint_io import open_checkpoint  # pylint: disable=import-outside-toplevel
   from jaxlisa.conversion.convert import convert_checkpoint  # pylint: disable=import-outside-toplevel
   from jaxlisa.conversion.keymap import export_state  # pylint: disable=import-outside-toplevel
   _, params = model
-  fam = registry.get_family("minigpt4qwen")
+  fam = families.get_family("minigpt4qwen")
   state = export_state(params, fam.export_rules(CFG, ()))
   assert "llm_model.transformer.h.0.attn.c_attn.weight" in state and "llm_proj.weight" in state
   path = str(tmp_path / "minigpt4qwen_full.pth")
   torch.save({"model": {k: torch.tensor(np.ascontiguousarray(v)) for k, v in state.items()}}, path)
   src = open_checkpoint(path)
-  assert registry.detect_family(None, src.keys()).name == "minigpt4qwen"
+  assert families.detect_family(None, src.keys()).name == "minigpt4qwen"
   c = fam.config_from_hf(None, src)
   over = {"vision": c.vision.replace(num_attention_heads=4, ln_vision_eps=CFG.vision.ln_vision_eps),
           "qformer": c.qformer.replace(num_attention_heads=4, vocab_size=40),

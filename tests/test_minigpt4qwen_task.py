@@ -49,7 +49,9 @@ def test_trains_validates_checkpoints_resumes_and_loss_falls(run):
 @pytest.fixture(scope="module")
 def task(tmp_path_factory):
   from jaxlisa.tasks.minigpt4qwen import Task  # pylint: disable=import-outside-toplevel
-  return Task(cfg_lib.load_config(SPEC), str(tmp_path_factory.mktemp("m4q_task")))
+  task = Task(cfg_lib.load_config(SPEC), str(tmp_path_factory.mktemp("m4q_task")))
+  task.prepare()
+  return task
 
 
 def test_batches_placeholders_and_targets(task):
@@ -111,7 +113,7 @@ def test_init_qformer_from_a_stage1_pth(task, tmp_path):
   """config.init.qformer: a BLIP-2 stage-1 .pth (LAVIS names) gives the ViT, ln_vision, Q-Former and
   queries; the stage-1 text parts (word embeddings, text FFN, LM head, projections) are left out."""
   import torch  # pylint: disable=import-outside-toplevel
-  from jaxlisa.conversion import registry  # pylint: disable=import-outside-toplevel
+  from jaxlisa.conversion import families  # pylint: disable=import-outside-toplevel
   from jaxlisa.conversion.keymap import export_state  # pylint: disable=import-outside-toplevel
   from jaxlisa.models import blip2 as B  # pylint: disable=import-outside-toplevel
   c = task.model_config
@@ -121,7 +123,7 @@ def test_init_qformer_from_a_stage1_pth(task, tmp_path):
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *B.dummy_inputs(s1))["params"]
   rs = np.random.RandomState(0)
   params = jax.tree.map(lambda s: np.asarray(0.1 * rs.randn(*s.shape), np.float32), nn.meta.unbox(shapes))
-  state = export_state(params, registry.get_family("blip2_lavis").export_rules(s1, ()))
+  state = export_state(params, families.get_family("blip2_lavis").export_rules(s1, ()))
   path = str(tmp_path / "blip2_pretrained.pth")
   torch.save({"model": {k: torch.tensor(np.asarray(v)) for k, v in state.items()}}, path)
   old = task.config.init.qformer

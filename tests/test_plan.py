@@ -89,26 +89,29 @@ def test_search_finds_largest_fitting_batch(fixed, slope, budget):
   assert len(calls) == len(set(calls)) <= 7 and set(cache) == set(calls)
 
 
-def test_arguments():
-  args, overrides = plan.parse_args(["--target", "v5e-16", "--per_device_batch", "2",
-                                     "--config.model.llava.text.num_hidden_layers=8"])
+def test_arguments(capsys):
+  args = plan.parse_args(["--target", "v5e-16", "--per_device_batch", "2",
+                          "--config.model.llava.text.num_hidden_layers=8"])
   assert (args.devices, args.hbm_gib, args.peak_tflops, args.mesh, args.topology) == \
       (16, 16.0, 197.0, "fsdp=16", "v5e:4x4")
-  assert overrides == [("model.llava.text.num_hidden_layers", "8")]
+  assert args.config.model.llava.text.num_hidden_layers == 8 and args.config_name == "lisa_7b.py"
   assert plan.parse_mesh("data=2,tensor=2") == {"data": 2, "fsdp": 1, "tensor": 2}
-  with pytest.raises(SystemExit):
-    plan.parse_args(["--devices", "8", "--bogus"])
-  with pytest.raises(SystemExit):
-    plan.parse_args(["--devices", "8", "--search"])  # needs --hbm_gib
+  for bad in (["--devices", "8", "--bogus"], ["--devices", "8", "--search"]):  # --search needs --hbm_gib
+    with pytest.raises(SystemExit) as e:
+      plan.parse_args(bad)
+    assert e.value.code == 2
   config = plan.load(plan.parse_args(["--config", TINY, "--devices", "8", "--remat", "full", "--mesh", "fsdp=8",
-                                      "--config.model.llava.text.num_hidden_layers=3",
-                                      "--config.optim.lr=0.5"])[0],
-                     [("model.llava.text.num_hidden_layers", "3"), ("optim.lr", "0.5")])
+                                      "--config.model.llava.text.num_hidden_layers=3", "--config.optim.lr=0.5"]))
   assert config.model.llava.text.num_hidden_layers == 3 and config.optim.lr == 0.5
   assert config.model.llava.text.remat_policy == "full" and config.mesh.fsdp == 8 and config.mesh.data == 1
-  from jaxlisa.config import ConfigError  # pylint: disable=import-outside-toplevel
-  with pytest.raises(ConfigError, match="num_hidden_layers"):
-    plan.load(plan.parse_args(["--config", TINY, "--devices", "8"])[0], [("model.llava.text.num_layers", "3")])
+  assert plan.parse_args(["--config", TINY, "--devices", "8"]).config.model.llava.text.num_hidden_layers != 3
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as e:  # an unknown key: main.py's one line, exit 2
+    plan.parse_args(["--config", TINY, "--devices", "8", "--config.model.llava.text.num_layers=3"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "unknown config key --config.model.llava.text.num_layers" in err and "num_hidden_layers" in err
+  assert len(err.strip().splitlines()) == 1
 
 
 def _result_dict(**over):
@@ -123,7 +126,7 @@ def _result_dict(**over):
 
 
 def test_compile_out_of_memory_reads_does_not_fit():
-  args = plan.parse_args(["--target", "v4-8"])[0]
+  args = plan.parse_args(["--target", "v4-8"])
   r = _result_dict()
   text = plan.report(r, args)
   assert "does not fit: the compiler ran out of memory" in text and "FITS" not in text
@@ -145,6 +148,6 @@ def test_tpu_topologies_megacore(monkeypatch):
 
   monkeypatch.setattr(topologies, "get_topology_desc", fake)
   for target in ("v4-8", "v5p-8", "v5e-16"):
-    plan.get_devices(plan.parse_args(["--target", target, "--platform", "tpu"])[0])
+    plan.get_devices(plan.parse_args(["--target", target, "--platform", "tpu"]))
   assert seen == [("v4:2x2x1", "tpu", {"chip_config_name": "megacore"}),
                   ("v5p:2x2x1", "tpu", {"chip_config_name": "megacore"}), ("v5e:4x4", "tpu", {})]

@@ -301,7 +301,7 @@ class _ShapeOnlySource:
 def test_vit_b_key_map_under_lisa_prefix():
   """Real sam_vit_b names and shapes (built on the meta device) under LISA's `model.visual_model.`:
   the config read off the shapes is the vit_b preset, and every tensor lands on a parameter."""
-  from jaxlisa.conversion import registry  # pylint: disable=import-outside-toplevel
+  from jaxlisa.conversion import families  # pylint: disable=import-outside-toplevel
   from jaxlisa.conversion.keymap import convert_state  # pylint: disable=import-outside-toplevel
   with torch.device("meta"):
     model = importlib.import_module("segment_anything.build_sam").build_sam_vit_b()
@@ -309,7 +309,7 @@ def test_vit_b_key_map_under_lisa_prefix():
   assert sam_conv.find_prefix(src.keys()) == "model.visual_model."
   cfg = sam_conv.infer_config(src)
   assert cfg == S.vit_b(mlp_dim=3072)
-  expected = registry.abstract_params(registry.get_family("sam"), cfg)
+  expected = families.abstract_params(families.get_family("sam"), cfg)
   params = convert_state(src, sam_conv.sam_rules(cfg, "model.visual_model."), expected, scan=False,
                          dtype=np.float16)
   assert params["image_encoder"]["blocks_2"]["attn"]["rel_pos_h"].shape == (127, 64)  # global: 2 * 64 - 1

@@ -16,6 +16,7 @@ import pytest
 from flax import traverse_util
 
 from jaxlisa import config as cfg_lib
+from jaxlisa.tasks import prepared_task
 from jaxlisa.training import optimizer as optim_lib
 from jaxlisa.training.trainer import Trainer, read_metrics
 
@@ -97,7 +98,8 @@ FROZEN = ("embed_tokens/.*", "layers/mlp/.*")
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
   """The runlocal LM with its embeddings and MLPs frozen (stored in bf16)."""
-  return Trainer(_config(frozen=FROZEN, frozen_dtype="bfloat16"), str(tmp_path_factory.mktemp("lm")))
+  config, workdir = _config(frozen=FROZEN, frozen_dtype="bfloat16"), str(tmp_path_factory.mktemp("lm"))
+  return Trainer(config, workdir, prepared_task(config, workdir))
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ except ImportError:  # a source checkout: run from the repository without instal
 
 from absl import app, flags  # noqa: E402
 
-# Families as the conversion registry names them (listed here so that --help needs no jax import).
+# Families as the converter's family table (jaxlisa/conversion/families.py) names them (listed here so that --help needs no jax import).
 FAMILIES = ("llama", "mistral", "qwen2", "qwen", "opt", "clip_vision", "eva_vit", "sam", "sam_hf", "llava_hf",
             "llava_next_hf", "llava_original", "lisa", "blip2_opt_hf", "blip2_retrieval_hf", "blip2_lavis",
             "blip2_opt_lavis", "blip_hf", "blip_lavis", "minigpt4qwen")

@@ -8,10 +8,14 @@ devices and report memory and FLOPs per device (MaxText's train_compile.py idea)
   python tools/plan.py --config configs/lisa_13b.py --target h100x8 --per_device_batch 2 --mfu 0.4
   python tools/plan.py --config configs/lisa_tiny.py --devices 8 --mesh data=8 --json
 
-How: the Trainer is built with a shape-only LISA task (no tokenizer, no data; vocab_size and
-seg_token_idx resolved from the config or flags); the train state is `jax.eval_shape` of the
-Trainer's init (no weights are allocated); the Trainer's jitted `train_step` (its in/out shardings,
-donated state) is lowered on `ShapeDtypeStruct`s that carry those shardings and compiled.
+Flags are absl's and the config is ml_collections' (--config FILE.py[:ARG], --config.a.b=v), as
+main.py: an unknown config key exits 2 naming the closest keys. --help lists the flags.
+
+How: the Trainer is built with the lisa task's pure part, not prepared (no tokenizer, no data;
+vocab_size and seg_token_idx resolved from the config or flags); the train state is
+`jax.eval_shape` of the Trainer's init (no weights are allocated); the Trainer's jitted
+`train_step` (its in/out shardings, donated state) is lowered on `ShapeDtypeStruct`s that carry
+those shardings and compiled.
 `memory_analysis()` of the compiled executable is per device.
 
 Devices: `--platform cpu` (default) fakes `--devices` CPU devices with XLA_FLAGS (set before jax is
@@ -45,8 +49,6 @@ FLOPs / (peak TFLOP/s x MFU).
 
 from __future__ import annotations
 
-import argparse
-import ast
 import json
 import math
 import os
@@ -80,52 +82,73 @@ CAVEATS = {
 GiB = 2.0 ** 30
 
 
-def parse_args(argv):
-  p = argparse.ArgumentParser(
-      description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="TPU compiler without a TPU (--platform tpu) needs the PyPI package libtpu at the version jax pins:\n"
-             "  pip install --no-deps --target ~/.cache/libtpu 'libtpu==0.0.42.*'   # jax 0.10.2; ~200 MB wheel\n"
-             "  python tools/plan.py --platform tpu --libtpu ~/.cache/libtpu --target v5e-16 --per_device_batch 3\n"
-             "Keep it out of the project's venv (there jax would look for TPUs). Details: the docstring of this file.")
-  p.add_argument("--config", default=os.path.join(ROOT, "configs", "lisa_7b.py"),
-                 help="config file, 'path.py' or 'path.py:arg'")
-  p.add_argument("--target", choices=sorted(TARGETS), help="sets --devices, --hbm_gib, --peak_tflops, a "
-                 "default --mesh and --topology (each may still be given)")
-  p.add_argument("--platform", choices=("cpu", "tpu"), default="cpu",
-                 help="compiler: cpu (fake CPU devices, a proxy) or tpu (libtpu, --topology)")
-  p.add_argument("--topology", help="TPU topology for --platform tpu, e.g. v5e:4x4, v4:2x2x1, v5p:2x2x1")
-  p.add_argument("--libtpu", default=os.environ.get("JAXLISA_LIBTPU", ""),
-                 help="directory holding the libtpu package: pip install --no-deps --target DIR "
-                 "'libtpu==0.0.42.*' (the version jax 0.10.2 pins; default $JAXLISA_LIBTPU)")
-  p.add_argument("--devices", type=int, help="number of (fake) devices (cpu)")
-  p.add_argument("--mesh", help="e.g. 'fsdp=16' or 'data=2,fsdp=4,tensor=2' (axes not named are 1); "
-                 "default: config.mesh")
-  p.add_argument("--per_device_batch", type=int, default=1, help="images per device per microbatch")
-  p.add_argument("--grad_accum", type=int, default=1, help="microbatches per step (default 1)")
-  p.add_argument("--remat", help="LLM remat policy (config.model.llava.text.remat_policy): "
-                 "none, full, minimal, save_dot_except_mlp, save_qkv_proj, save_out_proj")
-  p.add_argument("--seq", type=int, help="tokens per conversation (default config.data.collate.model_max_length)")
-  p.add_argument("--convs", type=int, help="conversations per image (default collate max_conversations_per_image)")
-  p.add_argument("--mask_size", type=int, help="gt mask side (default SAM img_size)")
-  p.add_argument("--vocab_size", type=int, help="when the config says -1 (from the tokenizer); default "
-                 "config.data.synthetic.vocab_size")
-  p.add_argument("--hbm_gib", type=float, help="memory per device: say whether the plan fits")
-  p.add_argument("--usable", type=float, default=0.95, help="fraction of --hbm_gib a plan may use (0.95)")
-  p.add_argument("--search", action="store_true", help="find the largest per-device batch that fits "
-                 "--hbm_gib (from --per_device_batch: doubling, linear prediction, bisecting)")
-  p.add_argument("--max_batch", type=int, default=64, help="--search upper bound")
-  p.add_argument("--peak_tflops", type=float, help="peak TFLOP/s per device: print a predicted step time")
-  p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the prediction (0.4)")
-  p.add_argument("--no_compile", action="store_true", help="shardings and FLOPs only (no compile: no "
-                 "temporaries or peak)")
-  p.add_argument("--json", action="store_true", help="also print one line 'PLAN {json}' per plan")
-  args, rest = p.parse_known_args(argv)
-  overrides = []
-  for tok in rest:
-    m = re.fullmatch(r"--config\.([\w.]+)=(.*)", tok, re.S)
-    if not m:
-      p.error(f"unrecognized argument {tok!r} (overrides are --config.a.b=value)")
-    overrides.append((m.group(1), m.group(2)))
+# (name, absl definer, default, help); --config is defined by jaxlisa.cli.define_config_flag.
+FLAG_SPECS = (
+    ("target", "enum", None, "sets --devices, --hbm_gib, --peak_tflops, a default --mesh and --topology "
+     "(each may still be given)"),
+    ("platform", "enum", "cpu", "compiler: cpu (fake CPU devices, a proxy) or tpu (libtpu, --topology)"),
+    ("topology", "string", None, "TPU topology for --platform tpu, e.g. v5e:4x4, v4:2x2x1, v5p:2x2x1"),
+    ("libtpu", "string", os.environ.get("JAXLISA_LIBTPU", ""), "directory holding the libtpu package: pip install "
+     "--no-deps --target DIR 'libtpu==0.0.42.*' (the version jax 0.10.2 pins; default $JAXLISA_LIBTPU)"),
+    ("devices", "integer", None, "number of (fake) devices (cpu)"),
+    ("mesh", "string", None, "e.g. 'fsdp=16' or 'data=2,fsdp=4,tensor=2' (axes not named are 1); default: config.mesh"),
+    ("per_device_batch", "integer", 1, "images per device per microbatch"),
+    ("grad_accum", "integer", 1, "microbatches per step (default 1)"),
+    ("remat", "string", None, "LLM remat policy (config.model.llava.text.remat_policy): none, full, minimal, "
+     "save_dot_except_mlp, save_qkv_proj, save_out_proj"),
+    ("seq", "integer", None, "tokens per conversation (default config.data.collate.model_max_length)"),
+    ("convs", "integer", None, "conversations per image (default collate max_conversations_per_image)"),
+    ("mask_size", "integer", None, "gt mask side (default SAM img_size)"),
+    ("vocab_size", "integer", None, "when the config says -1 (from the tokenizer); default "
+     "config.data.synthetic.vocab_size"),
+    ("hbm_gib", "float", None, "memory per device: say whether the plan fits"),
+    ("usable", "float", 0.95, "fraction of --hbm_gib a plan may use (0.95)"),
+    ("search", "bool", False, "find the largest per-device batch that fits --hbm_gib (from --per_device_batch: "
+     "doubling, linear prediction, bisecting)"),
+    ("max_batch", "integer", 64, "--search upper bound"),
+    ("peak_tflops", "float", None, "peak TFLOP/s per device: print a predicted step time"),
+    ("mfu", "float", 0.4, "model FLOPs utilisation for the prediction (0.4)"),
+    ("no_compile", "bool", False, "shardings and FLOPs only (no compile: no temporaries or peak)"),
+    ("json", "bool", False, "also print one line 'PLAN {json}' per plan"),
+)
+ENUMS = {"target": sorted(TARGETS), "platform": ["cpu", "tpu"]}
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "lisa_7b.py")
+
+
+def _define_flags(flag_values) -> None:
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  for name, kind, default, help_string in FLAG_SPECS:
+    if name in flag_values:
+      continue
+    if kind == "enum":
+      flags.DEFINE_enum(name, default, ENUMS[name], help_string, flag_values=flag_values)
+    else:
+      getattr(flags, f"DEFINE_{kind}")(name, default, help_string, flag_values=flag_values)
+
+
+def _fail(msg: str) -> None:
+  sys.stderr.write(f"plan.py: error: {msg}\n")
+  sys.exit(2)
+
+
+def parse_args(argv, flag_values=None):
+  """argv (without the program name) -> the flags' values as a namespace, with `config` the
+  ConfigDict of --config and its --config.a.b=v overrides (as main.py: an unknown key exits 2 with
+  the closest keys). A --target fills in the flags not given. flag_values: where the flags are
+  defined and parsed (default a fresh FlagValues, so each call starts from the defaults)."""
+  import types  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from jaxlisa import cli  # pylint: disable=import-outside-toplevel
+  fv = flags.FlagValues() if flag_values is None else flag_values
+  argv, spec, _ = cli.define_config_flag(["plan.py", *argv], DEFAULT_CONFIG, fv)
+  _define_flags(fv)
+  try:
+    rest = fv(argv)
+  except flags.Error as e:
+    _fail(f"{e} (overrides are --config.a.b=value; --help lists the flags)")
+  if len(rest) > 1:
+    _fail(f"unexpected arguments: {' '.join(rest[1:])}")
+  args = types.SimpleNamespace(**{name: fv[name].value for name, *_ in FLAG_SPECS}, config=fv.config)
   if args.target:
     t = TARGETS[args.target]
     args.devices = args.devices or t["devices"]
@@ -134,14 +157,15 @@ def parse_args(argv):
     args.mesh = args.mesh or t["mesh"]
     args.topology = args.topology or t["topology"]
   if args.platform == "tpu" and not args.topology:
-    p.error("--platform tpu needs --topology (or a TPU --target)")
+    _fail("--platform tpu needs --topology (or a TPU --target)")
   if args.platform == "cpu" and not args.devices:
-    p.error("give --devices N (or --target)")
+    _fail("give --devices N (or --target)")
   if args.search and not args.hbm_gib:
-    p.error("--search needs --hbm_gib (or --target)")
+    _fail("--search needs --hbm_gib (or --target)")
   if args.search and args.no_compile:
-    p.error("--search needs the compiler")
-  return args, overrides
+    _fail("--search needs the compiler")
+  args.config_name = os.path.basename(spec)
+  return args
 
 
 def setup_platform(args) -> None:
@@ -180,31 +204,6 @@ def get_devices(args):
 # ------------------------------------------------------------------------------------------------
 # Config.
 
-def _cast_override(text: str, old):
-  from jaxlisa.config import _to_bool  # pylint: disable=import-outside-toplevel
-  if isinstance(old, bool):
-    return _to_bool(text)
-  if isinstance(old, int):
-    return int(text)
-  if isinstance(old, float):
-    return float(text)
-  if isinstance(old, (tuple, list)):
-    v = ast.literal_eval(text)
-    return type(old)(v if isinstance(v, (tuple, list)) else (v,))
-  return text
-
-
-def apply_overrides(config, overrides) -> None:
-  from jaxlisa import config as cfg_lib  # pylint: disable=import-outside-toplevel
-  cfg_lib.validate_overrides(config, ["plan"] + [f"--config.{k}={v}" for k, v in overrides])
-  for key, text in overrides:
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    node[leaf] = _cast_override(text, node[leaf])
-
-
 def parse_mesh(text: str) -> dict[str, int]:
   out = {"data": 1, "fsdp": 1, "tensor": 1}
   for part in filter(None, (s.strip() for s in text.split(","))):
@@ -215,14 +214,14 @@ def parse_mesh(text: str) -> dict[str, int]:
   return out
 
 
-def load(args, overrides):
-  from jaxlisa import config as cfg_lib  # pylint: disable=import-outside-toplevel
-  config = cfg_lib.load_config(args.config)
-  apply_overrides(config, overrides)
-  if args.mesh:
-    config.mesh.update(parse_mesh(args.mesh))
-  if args.remat:
-    config.model.llava.text.remat_policy = args.remat
+def load(args):
+  """args.config with --mesh and --remat applied (remat_policy may be a key the config lacks)."""
+  config = args.config
+  with config.unlocked():
+    if args.mesh:
+      config.mesh.update(parse_mesh(args.mesh))
+    if args.remat:
+      config.model.llava.text.remat_policy = args.remat
   return config
 
 
@@ -275,13 +274,10 @@ def closed_jaxpr_flops(closed) -> float:
 # ------------------------------------------------------------------------------------------------
 # Planning.
 
-def shape_only_task(config, workdir: str, vocab_size: int | None = None):
-  """jaxlisa.tasks.lisa.Task without tokenizer or data: model config from config.model with
-  vocab_size (-1 -> `vocab_size` or config.data.synthetic.vocab_size) and seg_token_idx
-  (-1 -> vocab_size - 1) explicit. Good for init / loss / shapes, not for train_data()."""
-  from jaxlisa.models.lisa import Lisa, LisaConfig  # pylint: disable=import-outside-toplevel
-  from jaxlisa.tasks import lisa as lisa_task  # pylint: disable=import-outside-toplevel
-
+def shape_model_config(config, vocab_size: int | None = None):
+  """LisaConfig from config.model alone (no tokenizer, no checkpoint): vocab_size -1 ->
+  `vocab_size` or config.data.synthetic.vocab_size, seg_token_idx -1 -> vocab_size - 1."""
+  from jaxlisa.models.lisa import LisaConfig  # pylint: disable=import-outside-toplevel
   d = config.model.to_dict()
   text = dict(d["llava"]["text"])
   if text.get("vocab_size", -1) == -1:
@@ -289,26 +285,14 @@ def shape_only_task(config, workdir: str, vocab_size: int | None = None):
   d["llava"] = {**d["llava"], "text": text}
   if d.get("seg_token_idx", -1) == -1:
     d["seg_token_idx"] = text["vocab_size"] - 1
+  return LisaConfig.from_dict(d)
 
-  class ShapeTask(lisa_task.Task):
-    def __init__(self):  # pylint: disable=super-init-not-called
-      self.config, self.workdir = config, workdir
-      self.base_dir = self.pretrained_dir = ""
-      self.tokenizer = None
-      self.model_config = LisaConfig.from_dict(d)
-      self.model = Lisa(self.model_config)
-      self.collate = lisa_task.collate_config(config, self.model_config)
 
-    def pretrained(self):
-      return None
-
-    def train_data(self):
-      raise NotImplementedError("a shape-only task has no data")
-
-    def describe(self):
-      return {}
-
-  return ShapeTask()
+def shape_task(config, workdir: str, vocab_size: int | None = None):
+  """The lisa task's pure part (init, loss, collate shapes) at shape_model_config's architecture:
+  not prepared (no data, no tokenizer), and its pretrained() is never called here."""
+  from jaxlisa.tasks import lisa as lisa_task  # pylint: disable=import-outside-toplevel
+  return lisa_task.Task(config, workdir, model_config=shape_model_config(config, vocab_size))
 
 
 def tree_bytes_per_device(abstract, shardings) -> int:
@@ -339,7 +323,7 @@ def plan(config, per_device_batch: int = 1, *, grad_accum: int = 1, seq: int | N
   seconds, oom = {}, None
   try:
     t0 = time.time()
-    task = shape_only_task(config, workdir, vocab_size)
+    task = shape_task(config, workdir, vocab_size)
     trainer = Trainer(config, workdir, task=task, devices=devices)
     with parallel.use(trainer.mesh, trainer.rules):
       abstract = jax.eval_shape(trainer._init_state, trainer.rng)  # pylint: disable=protected-access
@@ -497,12 +481,16 @@ def search(probe_fn, start: int, max_batch: int, peak_fn, budget: float) -> tupl
 
 
 def main(argv=None) -> int:
-  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  """Plan from argv (default sys.argv[1:]); the exit status."""
+  return run(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def run(args) -> int:
   setup_platform(args)
-  config = load(args, overrides)
+  config = load(args)
   devices = get_devices(args)
   kw = dict(grad_accum=args.grad_accum, seq=args.seq, convs=args.convs, mask_size=args.mask_size,
-            vocab_size=args.vocab_size, devices=devices, name=os.path.basename(args.config))
+            vocab_size=args.vocab_size, devices=devices, name=args.config_name)
 
   def emit(r):
     if args.json:
@@ -533,5 +521,17 @@ def main(argv=None) -> int:
   return 0
 
 
+def _absl_main() -> None:
+  """As main.py: absl's app.run, with the flags (and absl's own: --help, logging) in absl's FLAGS."""
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  parsed = {}
+
+  def parser(argv):
+    parsed["args"] = parse_args(argv[1:], flags.FLAGS)
+    return argv[:1]
+
+  app.run(lambda _: sys.exit(run(parsed["args"])), flags_parser=parser)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  _absl_main()

@@ -16,7 +16,7 @@ from typing import Sequence
 from jaxlisa.conversion.blip2 import QFORMER_SKIP, _dense, _ln, hf_vision_rules, qformer_rules, vision_config_from_hf
 from jaxlisa.conversion.checkpoint_io import CheckpointError
 from jaxlisa.conversion.keymap import CONV, FLAT, LINEAR, LINEAR_IN2, Rule
-from jaxlisa.conversion.registry import Family, any_key, register
+from jaxlisa.conversion.family import Family, any_key
 from jaxlisa.conversion.vision import POS_EMBED_RESIZE
 from jaxlisa.models import blip as blip_lib
 from jaxlisa.models.blip import BlipConfig, BlipForConditionalGeneration, blip_text_config
@@ -114,9 +114,11 @@ def _detect_lavis(cfg, keys) -> bool:
 
 
 _SKIP = QFORMER_SKIP + (r"^text_decoder\.bert\.pooler\.",)
-register(Family(name="blip_hf", detect=_detect_hf, config_from_hf=lambda cfg, src: config_from_hf(cfg),
-                config_cls=BlipConfig, rules=hf_rules, build=BlipForConditionalGeneration,
-                dummy_inputs=blip_lib.dummy_inputs, skip=_SKIP, export_rules=hf_rules, priority=5))
-register(Family(name="blip_lavis", detect=_detect_lavis, config_from_hf=lambda cfg, src: lavis_config(src),
-                config_cls=BlipConfig, rules=lavis_rules, build=BlipForConditionalGeneration,
-                dummy_inputs=blip_lib.dummy_inputs, skip=_SKIP, export_rules=lavis_rules, priority=5))
+FAMILIES = (
+    Family(name="blip_hf", detect=_detect_hf, config_from_hf=lambda cfg, src: config_from_hf(cfg),
+           config_cls=BlipConfig, rules=hf_rules, build=BlipForConditionalGeneration,
+           dummy_inputs=blip_lib.dummy_inputs, skip=_SKIP, export_rules=hf_rules, priority=5),
+    Family(name="blip_lavis", detect=_detect_lavis, config_from_hf=lambda cfg, src: lavis_config(src),
+           config_cls=BlipConfig, rules=lavis_rules, build=BlipForConditionalGeneration,
+           dummy_inputs=blip_lib.dummy_inputs, skip=_SKIP, export_rules=lavis_rules, priority=5),
+)

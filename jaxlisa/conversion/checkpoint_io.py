@@ -19,9 +19,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read or does not match the model it is converted into."""
+from jaxlisa.conversion.errors import CheckpointError  # noqa: F401  (re-exported: most modules import it here)
 
 
 # File names, in the order they are looked for inside a directory.

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from jaxlisa.conversion import registry
+from jaxlisa.conversion import families
 from jaxlisa.conversion.checkpoint_io import CheckpointError, open_checkpoint, read_config_json
+from jaxlisa.conversion.family import DTYPES, Converted, np_dtype  # noqa: F401  (re-exported)
 from jaxlisa.conversion.keymap import convert_state, export_state
 
 CONFIG_FILE = "jaxlisa_config.json"
@@ -31,23 +32,6 @@ FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "qwen.tiktoken",
                    "generation_config.json", "preprocessor_config.json", "chat_template.jinja")
-DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
-
-
-def _np_dtype(name: str):
-  if name not in DTYPES:
-    raise CheckpointError(f"unsupported --dtype {name!r}; choose from {sorted(DTYPES)}")
-  import ml_dtypes  # pylint: disable=import-outside-toplevel
-  return ml_dtypes.bfloat16 if name == "bfloat16" else DTYPES[name]
-
-
-@dataclasses.dataclass
-class Converted:
-  family: str
-  config: Any  # the model config dataclass
-  params: dict  # nested numpy arrays
-
-
 def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float32",
                        config_overrides: dict | None = None, progress=None) -> Converted:
   """Read a PyTorch/HF checkpoint (file or directory) into jaxlisa params (numpy, in memory).
@@ -57,7 +41,7 @@ def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float3
   `overrides` sees them while it reads the shapes."""
   source = open_checkpoint(src)
   cfg_json = read_config_json(src)
-  fam = registry.get_family(family) if family else registry.detect_family(cfg_json, source.keys())
+  fam = families.get_family(family) if family else families.detect_family(cfg_json, source.keys())
   if fam.open_source is not None:
     source = fam.open_source(src)
   if config_overrides and "overrides" in inspect.signature(fam.config_from_hf).parameters:
@@ -68,10 +52,10 @@ def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float3
   model_config = _generation_ids(model_config, src)
   if config_overrides:
     model_config = dataclasses.replace(model_config, **config_overrides)
-  expected = registry.abstract_params(fam, model_config)
+  expected = families.abstract_params(fam, model_config)
   scan = getattr(model_config, "scan_layers", True)
   params = convert_state(source, fam.rules(model_config, source.keys()), expected, scan=scan,
-                         dtype=_np_dtype(dtype), skip=fam.skip, keep_dtype=fam.keep_fp32, progress=progress)
+                         dtype=np_dtype(dtype), skip=fam.skip, keep_dtype=fam.keep_fp32, progress=progress)
   logging.info("converted %d tensors of %s as family %s", len(source), src, fam.name)
   return Converted(fam.name, model_config, params)
 
@@ -191,7 +175,7 @@ def _cast_params(params: dict, np_dt, keep_fp32=()) -> dict:
   def cast(path, x):
     x = np.asarray(x)
     name = "/".join(str(getattr(k, "key", k)) for k in path)
-    if x.dtype.kind != "f" and x.dtype != _np_dtype("bfloat16") or any(r.search(name) for r in keep):
+    if x.dtype.kind != "f" and x.dtype != np_dtype("bfloat16") or any(r.search(name) for r in keep):
       return x
     return x.astype(np_dt)
   return jax.tree_util.tree_map_with_path(cast, params)
@@ -232,17 +216,17 @@ def load_pretrained(path: str, *, family: str | None = None, dtype: str | None =
     raise CheckpointError(f"checkpoint not found: {path}")
   if is_converted(path):
     meta = read_meta(path)
-    fam = registry.get_family(meta["family"])
+    fam = families.get_family(meta["family"])
     config = fam.config_cls.from_dict(meta["config"])
     params = load_params(path)
   else:
     conv = convert_checkpoint(path, family=family, dtype=dtype or "float32")
-    fam, config, params = registry.get_family(conv.family), conv.config, conv.params
+    fam, config, params = families.get_family(conv.family), conv.config, conv.params
   if dtype is not None:
-    _np_dtype(dtype)  # validates the name
+    np_dtype(dtype)  # validates the name
     config, has_dtype = with_dtype(config, dtype)
     if has_dtype or hasattr(config, "param_dtype"):
-      params = _cast_params(params, _np_dtype(dtype), fam.keep_fp32)
+      params = _cast_params(params, np_dtype(dtype), fam.keep_fp32)
   if config_overrides:
     config = dataclasses.replace(config, **config_overrides)
   tok = None
@@ -259,7 +243,7 @@ def load_pretrained(path: str, *, family: str | None = None, dtype: str | None =
 
 def export_checkpoint(params: dict, family: str, config, dst_file: str) -> dict[str, np.ndarray]:
   """Write params back as a PyTorch-named safetensors file (HF layout); returns the state dict."""
-  fam = registry.get_family(family)
+  fam = families.get_family(family)
   if fam.export_rules is None:
     raise CheckpointError(f"family {family} has no export map")
   state = export_state(params, fam.export_rules(config, ()), scan=getattr(config, "scan_layers", True))

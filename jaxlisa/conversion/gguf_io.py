@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from jaxlisa.conversion.checkpoint_io import CheckpointError
+from jaxlisa.conversion.errors import CheckpointError
 
 
 def is_gguf(path: str) -> bool:

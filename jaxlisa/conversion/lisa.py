@@ -20,11 +20,10 @@ stops with an error naming `clip_src`. `rotary_emb.inv_freq` buffers are skipped
 (vocabulary, projector, SAM, `out_dim`), and the [SEG] id from the tokenizer files next to the
 weights (`added_tokens.json`, `tokenizer.json` or `tokenizer_config.json`), or `seg_token_idx=`.
 
-  convert_lisa(src, clip_src=None, seg_token_idx=None)  -> convert.Converted(family "lisa", ...)
-  load_lisa(path, clip_src=None, ...)                   -> convert.Pretrained (module Lisa)
-  jaxlisa.load_pretrained(path)                         the same through the registry
+  convert_lisa(src, clip_src=None, seg_token_idx=None)  -> family.Converted(family "lisa", ...)
   export_lisa(params, config)                           -> {official name: array}, CLIP excluded
-  compose_lisa(llm_or_llava_src, clip_src, sam_pth, tokenizer) -> (LisaConfig, params, tokenizer)
+  conversion/loaders.py: load_lisa (-> convert.Pretrained, module Lisa) and compose_lisa (a fresh
+  LISA from its parts); jaxlisa.load_pretrained(path) loads through the family table
 """
 
 from __future__ import annotations
@@ -40,14 +39,13 @@ from absl import logging
 from jaxlisa.conversion import llava as llava_conv
 from jaxlisa.conversion import sam as sam_conv
 from jaxlisa.conversion.checkpoint_io import CheckpointError, open_checkpoint, read_config_json
+from jaxlisa.conversion.family import Converted, Family, abstract_params, any_key, np_dtype
 from jaxlisa.conversion.keymap import FLAT, LINEAR, Rule, convert_state, export_state, flatten_tree
-from jaxlisa.conversion.registry import Family, any_key, register
 from jaxlisa.data.conversation import (DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_SEG_TOKEN,
                                        IMAGE_TOKEN_INDEX)
 from jaxlisa.models import lisa as lisa_lib
 from jaxlisa.models.lisa import Lisa, LisaConfig
 from jaxlisa.models.llava import LlavaConfig
-from jaxlisa.models.llm import DecoderConfig
 
 LISA_CLIP = "model.vision_tower.vision_tower.vision_model."  # pre-merge checkpoints only
 SAM_PREFIX = "model.visual_model."
@@ -120,7 +118,7 @@ def _no_clip_error(src: str, cfg: dict | None) -> CheckpointError:
       f"the LISA checkpoint {src} holds no CLIP vision tower (LISA's merge script drops every "
       f"'vision_tower' key) and config.json's vision_tower {_tower_name(cfg)!r} is not a local "
       "directory: pass the CLIP checkpoint directory, jaxlisa.conversion.lisa.convert_lisa(src, "
-      "clip_src=DIR) / load_lisa(src, clip_src=DIR), or point config.json's vision_tower / "
+      "clip_src=DIR) / jaxlisa.conversion.loaders.load_lisa(src, clip_src=DIR), or point config.json's vision_tower / "
       "mm_vision_tower at it")
 
 
@@ -185,7 +183,7 @@ def _seg_token_idx(directory: str | None, given: int | None) -> int:
 
 
 # ----------------------------------------------------------------------------- config
-def _lisa_llava(c: LlavaConfig, *, use_mm_start_end: bool, select_layer: int) -> LlavaConfig:
+def lisa_llava(c: LlavaConfig, *, use_mm_start_end: bool, select_layer: int) -> LlavaConfig:
   """What LisaModel forces on its LLaVA: "patch" features, square images, the -200 placeholder."""
   return c.replace(vision_feature_layer=int(select_layer), vision_feature_select_strategy="default",
                    image_token_index=IMAGE_TOKEN_INDEX, mm_use_im_start_end=bool(use_mm_start_end),
@@ -211,7 +209,7 @@ def lisa_config(cfg: dict | None, source, seg_token_idx: int | None = None,
   text = base.text.replace(vocab_size=int(vocab), tie_word_embeddings="lm_head.weight" not in keys)
   if text.hidden_size != hidden:
     raise CheckpointError(f"config.json hidden_size {text.hidden_size} != embed_tokens width {hidden}")
-  llava = _lisa_llava(base.replace(text=text, projector_type=proj_type),
+  llava = lisa_llava(base.replace(text=text, projector_type=proj_type),
                       use_mm_start_end=(cfg or {}).get("mm_use_im_start_end", True),
                       select_layer=(cfg or {}).get("mm_vision_select_layer", -2))
   sam = sam_conv.infer_config(source, SAM_PREFIX, **(sam_overrides or {}))
@@ -243,43 +241,27 @@ def _rules(c: LisaConfig, keys: Sequence[str] = ()) -> list[Rule]:
 def convert_lisa(src: str, clip_src: str | None = None, seg_token_idx: int | None = None,
                  dtype: str = "float32", sam_overrides: dict | None = None,
                  config_overrides: dict | None = None, progress=None):
-  """Official LISA checkpoint (file or directory) -> convert.Converted("lisa", LisaConfig, params).
+  """Official LISA checkpoint (file or directory) -> Converted("lisa", LisaConfig, params).
 
   clip_src: CLIP checkpoint directory (HF CLIPVisionModel / CLIPModel); needed unless the
   checkpoint holds a tower or config.json's vision_tower is a local directory.
   seg_token_idx: overrides the id read from the tokenizer files. sam_overrides: SamConfig fields
   the shapes cannot tell (decoder_num_heads, 8 by default). config_overrides: LisaConfig fields."""
-  from jaxlisa.conversion import convert, registry  # pylint: disable=import-outside-toplevel
   source = open_lisa(src, clip_src)
   cfg_json = read_config_json(src)
   config = lisa_config(cfg_json, source, seg_token_idx, sam_overrides)
   if config_overrides:
     config = dataclasses.replace(config, **config_overrides)
-  fam = registry.get_family("lisa")
-  expected = registry.abstract_params(fam, config)
+  expected = abstract_params(LISA_FAMILY, config)
   params = convert_state(source, lisa_rules(config, source.keys()), expected, scan=config.llava.text.scan_layers,
-                         dtype=convert._np_dtype(dtype), skip=SKIP,  # pylint: disable=protected-access
+                         dtype=np_dtype(dtype), skip=SKIP,
                          keep_dtype=KEEP_FP32, progress=progress)
   logging.info("converted %d tensors of %s (clip: %s) as LISA", len(source), src, clip_src)
-  return convert.Converted("lisa", config, params)
-
-
-def load_lisa(path: str, clip_src: str | None = None, seg_token_idx: int | None = None, *,
-              dtype: str | None = None, sam_overrides: dict | None = None,
-              config_overrides: dict | None = None, with_tokenizer: bool = True):
-  """`convert.load_pretrained` for LISA, with the CLIP directory and [SEG] id as arguments.
-  A converted jaxlisa directory loads as it is."""
-  from jaxlisa.conversion import convert  # pylint: disable=import-outside-toplevel
-  if convert.is_converted(path):
-    return convert.load_pretrained(path, dtype=dtype, config_overrides=config_overrides,
-                                   with_tokenizer=with_tokenizer)
-  conv = convert_lisa(path, clip_src, seg_token_idx, dtype or "float32", sam_overrides, config_overrides)
-  tok = convert.load_tokenizer(path if os.path.isdir(path) else os.path.dirname(path)) if with_tokenizer else None
-  return convert.Pretrained(Lisa(conv.config), conv.params, conv.config, "lisa", tok)
+  return Converted("lisa", config, params)
 
 
 # ----------------------------------------------------------------------------- compose from parts
-def _torch_linear_init(rng: np.random.Generator, n_in: int, n_out: int, dtype) -> dict[str, np.ndarray]:
+def torch_linear_init(rng: np.random.Generator, n_in: int, n_out: int, dtype) -> dict[str, np.ndarray]:
   """PyTorch nn.Linear's default init (kaiming_uniform(a=sqrt(5)) -> U(+-1/sqrt(in)), bias the
   same bound), as kernel [in, out]."""
   bound = 1.0 / np.sqrt(n_in)
@@ -316,7 +298,7 @@ def new_rows(old: np.ndarray, n: int, how: str = "hf", rng: np.random.Generator 
   return (mean[None] + z @ chol.T).astype(old.dtype)
 
 
-def _resize_vocab(text_params: dict, tied: bool, new_vocab: int, how: str, rng) -> dict:
+def resize_vocab(text_params: dict, tied: bool, new_vocab: int, how: str, rng) -> dict:
   """HF resize_token_embeddings on DecoderLM params: rows kept / cut, new rows per `new_rows`."""
   p = dict(text_params)
   emb = np.asarray(p["embed_tokens"]["embedding"])
@@ -354,20 +336,9 @@ def add_lisa_tokens(tokenizer, use_mm_start_end: bool = True) -> int:
   return seg
 
 
-def _load_tokenizer(tokenizer):
-  if not isinstance(tokenizer, str):
-    return tokenizer
-  from jaxlisa.conversion import convert  # pylint: disable=import-outside-toplevel
-  tok = convert.load_tokenizer(tokenizer)  # LLaMA SentencePiece dirs: the 4.31 slow tokenizer
-  if tok is None:
-    raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer.model) in {tokenizer}")
-  return tok
-
-
-def _check_tree(params: dict, config: LisaConfig) -> None:
-  from jaxlisa.conversion import registry  # pylint: disable=import-outside-toplevel
-  want = {k: tuple(v.shape) for k, v in flatten_tree(registry.abstract_params(registry.get_family("lisa"),
-                                                                              config)).items()}
+def check_tree(params: dict, config: LisaConfig) -> None:
+  """Raise CheckpointError unless `params` has exactly the model's leaves and shapes."""
+  want = {k: tuple(v.shape) for k, v in flatten_tree(abstract_params(LISA_FAMILY, config)).items()}
   got = {k: tuple(np.shape(v)) for k, v in flatten_tree(params).items()}
   bad = [f"{'/'.join(k)}: {got.get(k)} != {want.get(k)}" for k in sorted(set(want) | set(got))
          if got.get(k) != want.get(k)]
@@ -375,73 +346,12 @@ def _check_tree(params: dict, config: LisaConfig) -> None:
     raise CheckpointError(f"composed LISA params do not match the model ({len(bad)}): {bad[:20]}")
 
 
-def compose_lisa(llm_or_llava_src: str, clip_src: str | None, sam_pth: str, tokenizer, *,
-                 use_mm_start_end: bool = True, vision_select_layer: int = -2, new_token_init: str = "hf",
-                 seed: int = 0, dtype: str = "float32", sam_overrides: dict | None = None,
-                 max_seg_per_conversation: int = 1):
-  """A fresh LISA as train_ds.py builds one -> (LisaConfig, params, tokenizer).
-
-  llm_or_llava_src: an original LLaVA checkpoint (LISA's `--version`, e.g. LLaVA-Lightning-7B),
-    a llava-hf checkpoint, or a plain LLaMA / Mistral / Qwen2 checkpoint (then the linear
-    mm_projector is new, with PyTorch's nn.Linear init).
-  clip_src: the CLIP checkpoint directory (LISA: openai/clip-vit-large-patch14); optional for
-    LLaVA checkpoints that carry their tower.
-  sam_pth: an original segment_anything .pth (LISA: sam_vit_h_4b8939.pth; any size works).
-  tokenizer: a transformers tokenizer or its directory; "[SEG]" (and "<im_start>", "<im_end>")
-    are added in place (`add_lisa_tokens`), and the embeddings and lm_head resized to
-    len(tokenizer) as `model.resize_token_embeddings(len(tokenizer))` (`new_rows`: "hf" =
-    transformers 5, "mean", "normal" = transformers 4.31).
-  text_hidden_fcs: PyTorch nn.Linear default init (LISA creates them after from_pretrained, so
-    no HF _init_weights touches them). Random draws use numpy's generator seeded with `seed`.
-  """
-  from jaxlisa.conversion import convert, registry  # pylint: disable=import-outside-toplevel
-  rng = np.random.default_rng(seed)
-  np_dtype = convert._np_dtype(dtype)  # pylint: disable=protected-access
-  tokenizer = _load_tokenizer(tokenizer)
-  seg = add_lisa_tokens(tokenizer, use_mm_start_end)
-
-  fam = registry.detect_family(read_config_json(llm_or_llava_src), open_checkpoint(llm_or_llava_src).keys())
-  if fam.config_cls is LlavaConfig:
-    conv = llava_conv.convert_llava(llm_or_llava_src, clip=clip_src, family=fam.name, dtype=dtype)
-    llava, llava_params = conv.config, dict(conv.params)
-    llava_params.pop("image_newline", None)
-  elif fam.config_cls is DecoderConfig:
-    if clip_src is None:
-      raise CheckpointError(f"{llm_or_llava_src} is a plain {fam.name} checkpoint: pass clip_src=<CLIP dir>")
-    text = convert.convert_checkpoint(llm_or_llava_src, family=fam.name, dtype=dtype)
-    clip = convert.convert_checkpoint(clip_src, dtype=dtype)
-    if clip.family != "clip_vision":
-      raise CheckpointError(f"clip_src {clip_src} is a {clip.family} checkpoint, not CLIP")
-    llava = LlavaConfig(vision=clip.config, text=text.config, projector_type="linear")
-    proj = _torch_linear_init(rng, llava.mm_hidden_size, text.config.hidden_size, np_dtype)
-    llava_params = {"vision_tower": clip.params, "language_model": text.params,
-                    "multi_modal_projector": {"linear_1": proj}}
-  else:
-    raise CheckpointError(f"{llm_or_llava_src} is a {fam.name} checkpoint, not LLaVA or a decoder LM")
-  llava = _lisa_llava(llava, use_mm_start_end=use_mm_start_end, select_layer=vision_select_layer)
-
-  vocab = len(tokenizer)
-  t = llava.text
-  llava_params["language_model"] = _resize_vocab(llava_params["language_model"], t.tie_word_embeddings, vocab,
-                                                 new_token_init, rng)
-  llava = llava.replace(text=t.replace(vocab_size=vocab, pad_token_id=tokenizer.pad_token_id,
-                                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-
-  sam = convert.convert_checkpoint(sam_pth, family="sam", dtype=dtype, config_overrides=sam_overrides)
-  d, out_dim = t.hidden_size, sam.config.prompt_embed_dim
-  fcs = {"layers_0": _torch_linear_init(rng, d, d, np_dtype), "layers_2": _torch_linear_init(rng, d, out_dim, np_dtype)}
-  config = LisaConfig(llava=llava, sam=sam.config, seg_token_idx=seg, out_dim=out_dim,
-                      max_seg_per_conversation=max_seg_per_conversation)
-  params = {"llava": llava_params, "visual_model": sam.params, "text_hidden_fcs": fcs}
-  _check_tree(params, config)
-  return config, params, tokenizer
-
-
 # ----------------------------------------------------------------------------- registration
-register(Family(name="lisa", detect=_detect, config_from_hf=_config, config_cls=LisaConfig, rules=_rules,
-                build=Lisa, dummy_inputs=lisa_lib.dummy_inputs, skip=SKIP, keep_fp32=KEEP_FP32,
-                export_rules=lambda c, keys=(): lisa_rules(c, export=True), priority=6,
-                open_source=open_lisa))
+LISA_FAMILY = Family(name="lisa", detect=_detect, config_from_hf=_config, config_cls=LisaConfig, rules=_rules,
+                     build=Lisa, dummy_inputs=lisa_lib.dummy_inputs, skip=SKIP, keep_fp32=KEEP_FP32,
+                     export_rules=lambda c, keys=(): lisa_rules(c, export=True), priority=6,
+                     open_source=open_lisa)
+FAMILIES = (LISA_FAMILY,)
 
-__all__ = ["convert_lisa", "load_lisa", "export_lisa", "compose_lisa", "lisa_config", "lisa_rules", "fcs_rules",
-           "open_lisa", "add_lisa_tokens", "new_rows", "seg_token_from_tokenizer"]
+__all__ = ["convert_lisa", "export_lisa", "lisa_config", "lisa_rules", "fcs_rules",
+           "open_lisa", "add_lisa_tokens", "new_rows", "seg_token_from_tokenizer", "check_tree", "LISA_FAMILY"]

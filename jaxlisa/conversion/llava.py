@@ -13,7 +13,7 @@ Families and the key names each accepts:
     model.mm_projector.{0,2,..}.* (mlpNx_gelu) or model.mm_projector.* (linear),
     model.image_newline (v1.6), and the CLIP tower either inside
     (model.vision_tower.vision_tower.vision_model.*) or in a separate CLIP checkpoint: pass it as
-    `convert_llava(src, clip=DIR)` / `load_llava(path, clip=DIR)` (LISA does the same with its
+    `convert_llava(src, clip=DIR)` / `loaders.load_llava(path, clip=DIR)` (LISA does the same with its
     `vision_tower` argument); a local directory named by config.json's `mm_vision_tower` is used
     when no tower is inside and none is passed.
 
@@ -34,8 +34,8 @@ from jaxlisa.constants import IMAGE_TOKEN_INDEX
 from jaxlisa.conversion import llm as llm_conv
 from jaxlisa.conversion import vision as vision_conv
 from jaxlisa.conversion.checkpoint_io import CheckpointError, open_checkpoint, read_config_json
-from jaxlisa.conversion.keymap import LINEAR, Rule
-from jaxlisa.conversion.registry import Family, any_key, register
+from jaxlisa.conversion.family import Converted, Family, abstract_params, any_key, np_dtype
+from jaxlisa.conversion.keymap import LINEAR, Rule, convert_state
 from jaxlisa.models import llava as llava_lib
 from jaxlisa.models.clip import CLIPVisionConfig
 from jaxlisa.models.llava import Llava, LlavaConfig
@@ -309,51 +309,49 @@ def open_llava(src: str, clip: str | None = None):
   return WithClip(source, open_checkpoint(clip), read_config_json(clip))
 
 
+def _llava_family(src: str, name: str | None, cfg_json: dict | None, keys) -> Family:
+  """The LLaVA family called `name`, else the one whose detector accepts the checkpoint."""
+  by_name = {f.name: f for f in FAMILIES}
+  if name is not None:
+    if name not in by_name:
+      raise CheckpointError(f"{src}: family {name!r} is not LLaVA; LLaVA families: {sorted(by_name)}")
+    return by_name[name]
+  for fam in sorted(FAMILIES, key=lambda f: -f.priority):
+    if fam.detect(cfg_json, keys):
+      return fam
+  raise CheckpointError(f"{src} is not a LLaVA checkpoint (none of {sorted(by_name)} recognises it)")
+
+
 def convert_llava(src: str, clip: str | None = None, family: str | None = None, dtype: str = "float32",
                   config_overrides: dict | None = None, progress=None):
   """`convert.convert_checkpoint` for LLaVA checkpoints, with the CLIP source as an argument.
-  Returns convert.Converted (family, LlavaConfig, numpy params)."""
-  from jaxlisa.conversion import convert, registry  # pylint: disable=import-outside-toplevel
-  from jaxlisa.conversion.keymap import convert_state  # pylint: disable=import-outside-toplevel
+  Returns Converted (family, LlavaConfig, numpy params)."""
   source = open_llava(src, clip)
   cfg_json = read_config_json(src)
-  fam = registry.get_family(family) if family else registry.detect_family(cfg_json, source.keys())
-  if fam.config_cls is not LlavaConfig:
-    raise CheckpointError(f"{src} is a {fam.name} checkpoint, not LLaVA")
+  fam = _llava_family(src, family, cfg_json, source.keys())
   config = fam.config_from_hf(cfg_json, source)
   if config_overrides:
     config = dataclasses.replace(config, **config_overrides)
-  expected = registry.abstract_params(fam, config)
+  expected = abstract_params(fam, config)
   params = convert_state(source, fam.rules(config, source.keys()), expected, scan=config.text.scan_layers,
-                         dtype=convert._np_dtype(dtype), skip=fam.skip,  # pylint: disable=protected-access
+                         dtype=np_dtype(dtype), skip=fam.skip,
                          keep_dtype=fam.keep_fp32, progress=progress)
   logging.info("converted %d tensors of %s (clip: %s) as family %s", len(source), src, clip, fam.name)
-  return convert.Converted(fam.name, config, params)
-
-
-def load_llava(path: str, clip: str | None = None, *, family: str | None = None, dtype: str | None = None,
-               config_overrides: dict | None = None, with_tokenizer: bool = True):
-  """`convert.load_pretrained` with the CLIP source as an argument (raw original LLaVA files)."""
-  from jaxlisa.conversion import convert  # pylint: disable=import-outside-toplevel
-  if convert.is_converted(path) or (clip is None and family not in (None, "llava_original")):
-    return convert.load_pretrained(path, family=family, dtype=dtype, config_overrides=config_overrides,
-                                   with_tokenizer=with_tokenizer)
-  conv = convert_llava(path, clip=clip, family=family, dtype=dtype or "float32",
-                       config_overrides=config_overrides)
-  tok = convert.load_tokenizer(path if os.path.isdir(path) else os.path.dirname(path)) if with_tokenizer else None
-  return convert.Pretrained(Llava(conv.config), conv.params, conv.config, conv.family, tok)
+  return Converted(fam.name, config, params)
 
 
 # ----------------------------------------------------------------------------- registration
 _COMMON = dict(config_cls=LlavaConfig, build=Llava, dummy_inputs=llava_lib.dummy_inputs, skip=SKIP)
-register(Family(name="llava_hf", detect=_hf_detect("llava"), config_from_hf=_hf_config, rules=hf_rules,
-                export_rules=lambda c, keys=(): hf_rules(c, (), export=True), priority=1, **_COMMON))
-register(Family(name="llava_next_hf", detect=_hf_detect("llava_next"), config_from_hf=_hf_config,
-                rules=hf_rules, export_rules=lambda c, keys=(): hf_rules(c, (), export=True), priority=1,
-                **_COMMON))
-register(Family(name="llava_original", detect=_original_detect, config_from_hf=original_config,
-                rules=original_rules, export_rules=lambda c, keys=(): original_rules(c, (), export=True),
-                priority=2, **_COMMON))
+FAMILIES = (
+    Family(name="llava_hf", detect=_hf_detect("llava"), config_from_hf=_hf_config, rules=hf_rules,
+           export_rules=lambda c, keys=(): hf_rules(c, (), export=True), priority=1, **_COMMON),
+    Family(name="llava_next_hf", detect=_hf_detect("llava_next"), config_from_hf=_hf_config,
+           rules=hf_rules, export_rules=lambda c, keys=(): hf_rules(c, (), export=True), priority=1,
+           **_COMMON),
+    Family(name="llava_original", detect=_original_detect, config_from_hf=original_config,
+           rules=original_rules, export_rules=lambda c, keys=(): original_rules(c, (), export=True),
+           priority=2, **_COMMON),
+)
 
-__all__ = ["hf_config", "hf_rules", "original_config", "original_rules", "convert_llava", "load_llava",
+__all__ = ["hf_config", "hf_rules", "original_config", "original_rules", "convert_llava",
            "open_llava", "WithClip", "EXTERNAL_CLIP"]

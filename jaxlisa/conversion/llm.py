@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from jaxlisa.conversion.checkpoint_io import CheckpointError
 from jaxlisa.conversion.keymap import FLAT, IDENTITY, LINEAR, LINEAR_IN2, Rule, linear
-from jaxlisa.conversion.registry import Family, any_key, register
+from jaxlisa.conversion.family import Family, any_key
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
 
 BUFFERS = (r"rotary_emb\.inv_freq$", r"\.masked_bias$", r"attn\.bias$")
@@ -217,9 +217,9 @@ def _config(fam):
   return make
 
 
-for _fam in ("llama", "mistral", "qwen2", "qwen", "opt"):
-  register(Family(name=_fam, detect=_detect(_fam), config_from_hf=_config(_fam), config_cls=DecoderConfig,
-                  rules=rules_for, build=DecoderLM, dummy_inputs=dummy_inputs, skip=BUFFERS,
-                  export_rules=rules_for))
+FAMILIES = tuple(Family(name=fam, detect=_detect(fam), config_from_hf=_config(fam), config_cls=DecoderConfig,
+                        rules=rules_for, build=DecoderLM, dummy_inputs=dummy_inputs, skip=BUFFERS,
+                        export_rules=rules_for)
+                 for fam in ("llama", "mistral", "qwen2", "qwen", "opt"))
 
 __all__ = ["config_from_hf", "rules_for", "llama_rules", "opt_rules", "qwen1_rules", "IDENTITY", "linear"]

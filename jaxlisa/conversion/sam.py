@@ -22,7 +22,7 @@ from absl import logging
 
 from jaxlisa.conversion.checkpoint_io import CheckpointError
 from jaxlisa.conversion.keymap import CONV, CONV_TRANSPOSE, FLAT, LINEAR, LINEAR_IN2, Rule
-from jaxlisa.conversion.registry import Family, any_key, register
+from jaxlisa.conversion.family import Family, any_key
 from jaxlisa.models.sam import Sam, SamConfig
 
 # Non-persistent in segment_anything, but some re-saved checkpoints carry them.
@@ -310,13 +310,15 @@ def dummy_inputs(c: SamConfig):
   return (jnp.zeros((1, c.img_size, c.img_size, c.in_chans), jnp.float32),)
 
 
-register(Family(name="sam", detect=_detect_sam, config_from_hf=_sam_config, config_cls=SamConfig,
-                rules=_sam_rules, build=Sam, dummy_inputs=dummy_inputs, skip=BUFFERS,
-                keep_fp32=(r"positional_encoding_gaussian_matrix$",),
-                export_rules=lambda c, keys=(): sam_rules(c)))
-register(Family(name="sam_hf", detect=_detect_hf, config_from_hf=_hf_config, config_cls=SamConfig,
-                rules=_hf_rules, build=Sam, dummy_inputs=dummy_inputs, skip=BUFFERS,
-                keep_fp32=(r"positional_encoding_gaussian_matrix$",),
-                export_rules=lambda c, keys=(): hf_export_rules(c)))
+FAMILIES = (
+    Family(name="sam", detect=_detect_sam, config_from_hf=_sam_config, config_cls=SamConfig,
+           rules=_sam_rules, build=Sam, dummy_inputs=dummy_inputs, skip=BUFFERS,
+           keep_fp32=(r"positional_encoding_gaussian_matrix$",),
+           export_rules=lambda c, keys=(): sam_rules(c)),
+    Family(name="sam_hf", detect=_detect_hf, config_from_hf=_hf_config, config_cls=SamConfig,
+           rules=_hf_rules, build=Sam, dummy_inputs=dummy_inputs, skip=BUFFERS,
+           keep_fp32=(r"positional_encoding_gaussian_matrix$",),
+           export_rules=lambda c, keys=(): hf_export_rules(c)),
+)
 
 __all__ = ["sam_rules", "hf_rules", "infer_config", "config_from_hf", "find_prefix", "dummy_inputs"]

@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxlisa.conversion.checkpoint_io import CheckpointError
 from jaxlisa.conversion.keymap import CONV, FLAT, LINEAR, LINEAR_IN2, Rule, Transform
-from jaxlisa.conversion.registry import Family, any_key, register
+from jaxlisa.conversion.family import Family, any_key
 from jaxlisa.models import clip as clip_lib
 from jaxlisa.models import eva as eva_lib
 from jaxlisa.models.clip import CLIPVisionConfig, CLIPVisionModel
@@ -115,10 +115,12 @@ def _clip_config(cfg, src) -> CLIPVisionConfig:
                           num_attention_heads=heads, image_size=grid * patch, patch_size=patch, num_channels=ch)
 
 
-register(Family(name="clip_vision", detect=_clip_detect, config_from_hf=_clip_config,
-                config_cls=CLIPVisionConfig, rules=_clip_rules, build=CLIPVisionModel,
-                dummy_inputs=clip_lib.dummy_inputs, skip=CLIP_SKIP,
-                export_rules=lambda c, keys=(): clip_vision_rules(c, "vision_model.")))
+CLIP_FAMILIES = (
+    Family(name="clip_vision", detect=_clip_detect, config_from_hf=_clip_config,
+           config_cls=CLIPVisionConfig, rules=_clip_rules, build=CLIPVisionModel,
+           dummy_inputs=clip_lib.dummy_inputs, skip=CLIP_SKIP,
+           export_rules=lambda c, keys=(): clip_vision_rules(c, "vision_model.")),
+)
 
 
 # ----------------------------------------------------------------------------- EVA ViT (LAVIS)
@@ -206,10 +208,13 @@ def eva_config_from_keys(src) -> EVAViTConfig:
                       use_ln_vision="ln_vision.weight" in keys)
 
 
-register(Family(name="eva_vit", detect=_eva_detect, config_from_hf=lambda cfg, src: eva_config_from_keys(src),
-                config_cls=EVAViTConfig, rules=_eva_rules, build=EVAVisionTransformer,
-                dummy_inputs=eva_lib.dummy_inputs, skip=EVA_SKIP,
-                export_rules=lambda c, keys=(): eva_rules(c, "visual_encoder.")))
+EVA_FAMILIES = (
+    Family(name="eva_vit", detect=_eva_detect, config_from_hf=lambda cfg, src: eva_config_from_keys(src),
+           config_cls=EVAViTConfig, rules=_eva_rules, build=EVAVisionTransformer,
+           dummy_inputs=eva_lib.dummy_inputs, skip=EVA_SKIP,
+           export_rules=lambda c, keys=(): eva_rules(c, "visual_encoder.")),
+)
+FAMILIES = CLIP_FAMILIES + EVA_FAMILIES
 
 __all__ = ["clip_config_from_hf", "clip_vision_rules", "find_clip_prefix", "eva_rules", "find_eva_prefix",
            "eva_config_from_keys", "CLIP_SKIP", "POS_EMBED_RESIZE"]

@@ -28,6 +28,7 @@ LAVIS's `concat_all_gather`; unlike LAVIS, gradients also flow through the other
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -36,23 +37,112 @@ import numpy as np
 from absl import logging
 from flax import traverse_util
 
-from jaxlisa import tasks
 from jaxlisa.data import image_text, synthetic_captions
+from jaxlisa.data.lavis_processors import ImageEvalProcessor, pre_caption
 from jaxlisa.models import blip2 as blip2_lib
-from jaxlisa.registry import ImageEvalProcessor, pre_caption
+from jaxlisa.tasks import model_config
+from jaxlisa.training.task import TaskBase
 
 
 # ----------------------------------------------------------------------------- shared helpers
 def data_dir(config, workdir: str) -> str:
-  """config.data.base_dir, or workdir/data with the synthetic dataset written there once."""
+  """config.data.base_dir, or workdir/data (where ensure_data writes the synthetic dataset)."""
+  return config.data.base_dir or os.path.join(workdir, "data")
+
+
+def ensure_data(config, workdir: str) -> None:
+  """Write the synthetic dataset to workdir/data once, when config.data.base_dir is ''."""
   d = config.data
   if d.base_dir:
-    return d.base_dir
-  out = os.path.join(workdir, "data")
+    return
   s = d.synthetic
-  synthetic_captions.ensure_dataset(out, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size,
-                                    seed=s.seed, max_shapes=s.max_shapes, captions_per_image=s.captions_per_image)
-  return out
+  synthetic_captions.ensure_dataset(data_dir(config, workdir), num_train=s.num_train, num_val=s.num_val,
+                                    image_size=s.image_size, seed=s.seed, max_shapes=s.max_shapes,
+                                    captions_per_image=s.captions_per_image)
+
+
+def saved_tokenizer(directory: str):
+  """The tokenizer a task's prepare() saved in `directory`; ValueError when there is none."""
+  if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+    raise ValueError(f"no tokenizer in {directory}: the task's prepare() trains it (training does)")
+  from jaxlisa.data.tokenization import load_saved_tokenizer  # pylint: disable=import-outside-toplevel
+  return load_saved_tokenizer(directory)
+
+
+class CaptionDataTask(TaskBase):
+  """What the BLIP-2 and MiniGPT4-Qwen tasks share: LAVIS-layout annotations under data_dir, a
+  tokenizer from init.tokenizer or trained on the annotations' texts by prepare(), and image-text
+  sources read lazily. Subclasses give TEXT_KEYS, MODEL, model_config_from(config, tokenizer),
+  _pretrained_tokenizer(path), _train_tokenizer(texts) and _source(anns, root, split)."""
+
+  TEXT_KEYS: tuple[str, ...] = ()
+  MODEL: type = type(None)  # the linen module class, built from model_config
+  model_config_from = None  # staticmethod(config, tokenizer) -> the model config
+
+  def __init__(self, config, workdir: str):
+    super().__init__(config, workdir)
+    self.base_dir = data_dir(config, workdir)
+    self.tokenizer_dir = os.path.join(workdir, "tokenizer")
+
+  def prepare(self):
+    """Write the synthetic dataset (config.data.base_dir '') and train the tokenizer into
+    workdir/tokenizer (no init.tokenizer), each once."""
+    ensure_data(self.config, self.workdir)
+    if not self.config.init.tokenizer and "tokenizer" not in self.__dict__:
+      texts = corpus_texts(self.base_dir, self.train_ann, self.TEXT_KEYS)
+      self.__dict__["tokenizer"] = self._train_tokenizer(texts)
+
+  def _train_tokenizer(self, texts):
+    raise NotImplementedError
+
+  def _pretrained_tokenizer(self, path: str):
+    raise NotImplementedError
+
+  @functools.cached_property
+  def tokenizer(self):
+    if self.config.init.tokenizer:
+      return self._pretrained_tokenizer(self.config.init.tokenizer)
+    return saved_tokenizer(self.tokenizer_dir)
+
+  @functools.cached_property
+  def model_config(self):
+    return self.model_config_from(self.config, self.tokenizer)  # pylint: disable=not-callable
+
+  @functools.cached_property
+  def model(self):
+    return self.MODEL(self.model_config)
+
+  @functools.cached_property
+  def processor(self):
+    return ImageEvalProcessor(self.model_config.vision.image_size)
+
+  @functools.cached_property
+  def train_ann(self) -> list[dict]:
+    return synthetic_captions.read_json(os.path.join(self.base_dir, self.config.data.train_ann))
+
+  @functools.cached_property
+  def val_ann(self) -> list[dict]:
+    d = self.config.data
+    return synthetic_captions.read_json(os.path.join(self.base_dir, d.val_ann)) if d.val_ann else []
+
+  @functools.cached_property
+  def train_source(self):
+    return self._source(self.train_ann, self.config.data.image_root or self.base_dir, "train")
+
+  @functools.cached_property
+  def val_source(self):
+    return self._source(self.val_ann, self.config.data.image_root or self.base_dir, "val") if self.val_ann else None
+
+  def _source(self, anns, root, split):
+    raise NotImplementedError
+
+  def train_data(self):
+    return image_text.train_iterator(self.train_source, self.config.batch_size, self.config.seed)
+
+  def eval_data(self):
+    if self.val_source is None:
+      return None
+    return image_text.eval_batches(self.val_source, self.config.batch_size)
 
 
 def corpus_texts(base: str, anns: list[dict], keys: tuple[str, ...]) -> list[str]:
@@ -103,18 +193,16 @@ def fit_to(params: dict, abstract, what: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- config
-def model_config_from(config, tokenizer) -> blip2_lib.Blip2Config:
-  d = config.model.to_dict()
-  vision, q = dict(d["vision"]), dict(d["qformer"])
-  if q.get("vocab_size", -1) == -1:
-    q["vocab_size"] = len(tokenizer)
-  if len(tokenizer) > q["vocab_size"]:
-    raise ValueError(f"tokenizer has {len(tokenizer)} tokens > qformer.vocab_size {q['vocab_size']}")
+def _resolve_qformer(d: dict, tokenizer) -> None:
+  q = d["qformer"]
   if q.get("encoder_hidden_size", -1) == -1:
-    q["encoder_hidden_size"] = vision["hidden_size"]
+    q["encoder_hidden_size"] = d["vision"]["hidden_size"]
   q.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
            sep_token_id=tokenizer.sep_token_id)
-  return blip2_lib.Blip2Config.from_dict({**d, "vision": vision, "qformer": q})
+
+
+def model_config_from(config, tokenizer) -> blip2_lib.Blip2Config:
+  return model_config.from_tokenizer(config, tokenizer, blip2_lib.Blip2Config, "qformer", _resolve_qformer)
 
 
 def _touch_params(model: blip2_lib.Blip2Qformer, pixels):
@@ -124,36 +212,25 @@ def _touch_params(model: blip2_lib.Blip2Qformer, pixels):
   return model.vision_proj(q), model.text_proj(q[:, 0]), model.itm_head(q), model.temperature()
 
 
-class Task(tasks.Task):
+class Task(CaptionDataTask):
   """BLIP-2 stage 1: ITC + ITM + ITG; losses and in-batch retrieval recall@1 on validation."""
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
-    d = config.data
-    self.base_dir = data_dir(config, workdir)
-    root = d.image_root or self.base_dir
-    self.train_ann = synthetic_captions.read_json(os.path.join(self.base_dir, d.train_ann))
-    self.val_ann = synthetic_captions.read_json(os.path.join(self.base_dir, d.val_ann)) if d.val_ann else []
-    self.tokenizer = self._tokenizer()
-    self.model_config = model_config_from(config, self.tokenizer)
-    self.model = blip2_lib.Blip2Qformer(self.model_config)
-    self.processor = ImageEvalProcessor(self.model_config.vision.image_size)
-    self.train_source = self._source(self.train_ann, root)
-    self.val_source = self._source(self.val_ann, root) if self.val_ann else None
+  TEXT_KEYS = ("caption",)
+  MODEL = blip2_lib.Blip2Qformer
+  model_config_from = staticmethod(model_config_from)
 
-  def _tokenizer(self):
-    init, d = self.config.init, self.config.data
-    if init.tokenizer:
-      from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-      tok = AutoTokenizer.from_pretrained(init.tokenizer)
-      tok.add_special_tokens({"bos_token": "[DEC]"})  # LAVIS Blip2Base.init_tokenizer
-      return tok
-    texts = [pre_caption(t, d.max_words) for t in corpus_texts(self.base_dir, self.train_ann, ("caption",))]
-    return synthetic_captions.load_or_train(os.path.join(self.workdir, "tokenizer"),
-                                            synthetic_captions.train_bert_tokenizer, texts,
-                                            vocab_size=d.vocab_size)
+  def _pretrained_tokenizer(self, path: str):
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.add_special_tokens({"bos_token": "[DEC]"})  # LAVIS Blip2Base.init_tokenizer
+    return tok
 
-  def _source(self, anns, root):
+  def _train_tokenizer(self, texts):
+    texts = [pre_caption(t, self.config.data.max_words) for t in texts]
+    return synthetic_captions.load_or_train(self.tokenizer_dir, synthetic_captions.train_bert_tokenizer, texts,
+                                            vocab_size=self.config.data.vocab_size)
+
+  def _source(self, anns, root, split):
     """Captions through LAVIS's blip_caption processor, tokenized as LAVIS (padding to max_txt_len)."""
     texts = [pre_caption(a["caption"], self.config.data.max_words) for a in anns]
     enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.model_config.max_txt_len)
@@ -202,15 +279,6 @@ class Task(tasks.Task):
             "i2t_r1": jnp.mean(same_text[rows, i2t].astype(jnp.float32)),
             "t2i_r1": jnp.mean(same_text[t2i, rows].astype(jnp.float32)),
             "weight": jnp.float32(ids.shape[0])}
-
-  # ---------------------------------------------------------------------------------- data
-  def train_data(self):
-    return image_text.train_iterator(self.train_source, self.config.batch_size, self.config.seed)
-
-  def eval_data(self):
-    if self.val_source is None:
-      return None
-    return image_text.eval_batches(self.val_source, self.config.batch_size)
 
   def describe(self):
     c = self.model_config

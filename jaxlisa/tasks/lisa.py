@@ -19,32 +19,32 @@ Validation is teacher-forced as official and reports gIoU / cIoU (jaxlisa/evalua
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 
 import jax
 import jax.numpy as jnp
 from absl import logging
 
-from jaxlisa import parallel, tasks
+from jaxlisa import parallel
 from jaxlisa.data import lisa_collate, lisa_pipeline, synthetic_shapes
 from jaxlisa.data.lisa_datasets import ValDataset, build_hybrid
 from jaxlisa.evaluation import seg_metrics
 from jaxlisa.models.lisa import Lisa, LisaConfig
-from jaxlisa.training import losses
+from jaxlisa.tasks import model_config
+from jaxlisa.training import inference_params, losses
+from jaxlisa.training.task import TaskBase
+
+
+def _resolve_seg_token(d: dict, tokenizer) -> None:
+  if d.get("seg_token_idx", -1) == -1:
+    d["seg_token_idx"] = lisa_collate.seg_token_index(tokenizer)
 
 
 def model_config_from(config, tokenizer) -> LisaConfig:
   """LisaConfig from config.model, resolving -1 (auto) fields from the tokenizer."""
-  d = config.model.to_dict()
-  text = dict(d["llava"]["text"])
-  if text.get("vocab_size", -1) == -1:
-    text["vocab_size"] = len(tokenizer)
-  if len(tokenizer) > text["vocab_size"]:
-    raise ValueError(f"tokenizer has {len(tokenizer)} tokens > model vocab {text['vocab_size']}")
-  d["llava"] = {**d["llava"], "text": text}
-  if d.get("seg_token_idx", -1) == -1:
-    d["seg_token_idx"] = lisa_collate.seg_token_index(tokenizer)
-  return LisaConfig.from_dict(d)
+  return model_config.from_tokenizer(config, tokenizer, LisaConfig, "llava.text", _resolve_seg_token)
 
 
 # Fields of config.model that a pretrained checkpoint does not fix (numerics and training choices).
@@ -81,29 +81,55 @@ def collate_config(config, model_config: LisaConfig) -> lisa_collate.CollateConf
       sam_size=model_config.sam.img_size, **c)
 
 
-class Task(tasks.Task):
+class Task(TaskBase):
   """LISA: CE + BCE + dice on [SEG] masks; gIoU / cIoU validation."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, model_config: LisaConfig | None = None):
+    """model_config: the architecture, given instead of read off the tokenizer / checkpoint (the
+    planner's shapes: then init, loss and collate need neither)."""
     super().__init__(config, workdir)
-    d = config.data
-    self.base_dir = d.base_dir or os.path.join(workdir, "data")
+    self.base_dir = config.data.base_dir or os.path.join(workdir, "data")
     self.pretrained_dir = config.init.pretrained
-    self._pretrained = self._load_pretrained()
+    self.tokenizer_dir = os.path.join(workdir, "tokenizer")
+    if model_config is not None:
+      self.__dict__["model_config"] = model_config  # the cached_property's value
+
+  def prepare(self):
+    """Write the synthetic shapes dataset to workdir/data once (when config.data.base_dir is '') and,
+    without pretrained weights, train the tokenizer on its corpus into workdir/tokenizer once."""
+    self._ensure_data()
+    if not inference_params.has_pretrained(self.config) and "tokenizer" not in self.__dict__:
+      self.__dict__["tokenizer"] = self._tokenizer()
+
+  @functools.cached_property
+  def _pretrained(self):
+    return self._load_pretrained()
+
+  @functools.cached_property
+  def tokenizer(self):
+    """The pretrained checkpoint's tokenizer, else workdir/tokenizer (prepare() trains it)."""
     if self._pretrained is not None:
-      cfg, self._pretrained_params, self.tokenizer = self._pretrained
-      self.model_config = with_runtime_fields(cfg, config)
-    else:
-      self._pretrained_params = None
-      self.tokenizer = self._tokenizer()
-      self.model_config = model_config_from(config, self.tokenizer)
-    self.model = Lisa(self.model_config)
-    self.collate = collate_config(config, self.model_config)
+      return self._pretrained[2]
+    if not os.path.exists(os.path.join(self.tokenizer_dir, "tokenizer.json")):
+      raise ValueError(f"no tokenizer in {self.tokenizer_dir}: the task's prepare() trains it (training does)")
+    return synthetic_shapes.load_tokenizer(self.tokenizer_dir)
+
+  @functools.cached_property
+  def model_config(self) -> LisaConfig:
+    if self._pretrained is not None:
+      return with_runtime_fields(self._pretrained[0], self.config)
+    return model_config_from(self.config, self.tokenizer)
+
+  @functools.cached_property
+  def model(self) -> Lisa:
+    return Lisa(self.model_config)
+
+  @functools.cached_property
+  def collate(self) -> lisa_collate.CollateConfig:
+    return collate_config(self.config, self.model_config)
 
   def _ensure_data(self):
-    """Write the synthetic shapes dataset to workdir/data once, when something reads it (training,
-    validation, the tokenizer's corpus); segment mode on a trained workdir or on pretrained weights
-    writes nothing."""
+    """Write the synthetic shapes dataset to workdir/data once (config.data.base_dir '')."""
     d = self.config.data
     if not d.base_dir and not os.path.exists(os.path.join(self.base_dir, "corpus.json")):
       s = d.synthetic
@@ -118,13 +144,13 @@ class Task(tasks.Task):
     heads = init.get("sam_decoder_num_heads", 0)
     sam_overrides = {"decoder_num_heads": int(heads)} if heads else None  # a .pth cannot say it
     if self.pretrained_dir:
-      from jaxlisa.conversion.lisa import load_lisa  # pylint: disable=import-outside-toplevel
+      from jaxlisa.conversion.loaders import load_lisa  # pylint: disable=import-outside-toplevel
       pre = load_lisa(self.pretrained_dir, clip_src=init.clip or None, sam_overrides=sam_overrides)
       if pre.tokenizer is None:
         raise ValueError(f"{self.pretrained_dir} has no tokenizer files (tokenizer.json / tokenizer.model)")
       return pre.config, pre.params, pre.tokenizer
     if compose and compose.get("llava"):
-      from jaxlisa.conversion.lisa import compose_lisa  # pylint: disable=import-outside-toplevel
+      from jaxlisa.conversion.loaders import compose_lisa  # pylint: disable=import-outside-toplevel
       m = self.config.model
       cfg, params, tok = compose_lisa(compose.llava, compose.clip or None, compose.sam,
                                       compose.get("tokenizer") or compose.llava,
@@ -136,10 +162,9 @@ class Task(tasks.Task):
     return None
 
   def _tokenizer(self):
-    tok_dir = os.path.join(self.workdir, "tokenizer")
+    tok_dir = self.tokenizer_dir
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
       return synthetic_shapes.load_tokenizer(tok_dir)
-    self._ensure_data()
     tok = synthetic_shapes.train_tokenizer(synthetic_shapes.read_corpus(self.base_dir), tok_dir,
                                            vocab_size=self.config.data.synthetic.vocab_size,
                                            seg_lstrip=self.config.data.synthetic.seg_lstrip,
@@ -156,7 +181,7 @@ class Task(tasks.Task):
                            jnp.zeros((1, s.img_size, s.img_size, 3)))["params"]
 
   def pretrained(self):
-    return self._pretrained_params
+    return self._pretrained[1] if self._pretrained is not None else None
 
   def forward(self, params, batch, rng=None, train=False, prompt_points=None):
     out = self.model.apply(
@@ -189,7 +214,6 @@ class Task(tasks.Task):
   # ---------------------------------------------------------------------------------- data
   def train_data(self):
     d = self.config.data
-    self._ensure_data()
     if d.base_dir:
       source = build_hybrid(d.base_dir, d.dataset, tuple(float(x) for x in d.sample_rates.split(",")),
                             samples_per_epoch=d.samples_per_epoch, seed=self.config.seed,
@@ -208,10 +232,10 @@ class Task(tasks.Task):
     d = self.config.data
     if not d.val_dataset:
       return None
-    self._ensure_data()
     val = ValDataset(self.base_dir, d.val_dataset)
-    # one image per batch, padded with invalid images to the mesh's batch shards (data x fsdp)
-    shards = parallel.num_batch_shards(parallel.make_mesh(self.config.mesh.to_dict()))
+    # one image per batch, padded with invalid images to the batch shards (data x fsdp) of config.mesh
+    sizes = dict(zip(parallel.MESH_AXES, parallel.mesh_shape(self.config.mesh.to_dict(), jax.device_count())))
+    shards = math.prod(sizes[a] for a in parallel.BATCH_AXES)
     return lisa_pipeline.val_batches(val, self.tokenizer, self.collate, images_per_batch=shards)
 
   def eval_step(self, params, batch, rng):

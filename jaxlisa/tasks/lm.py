@@ -7,6 +7,7 @@ The tokenizer is saved to workdir/tokenizer and reused when the run resumes.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -14,9 +15,9 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from jaxlisa import tasks
 from jaxlisa.data import text
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
+from jaxlisa.training.task import TaskBase
 
 
 def next_token_loss(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, dict]:
@@ -31,24 +32,47 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, attention_mask: jax
   return (nll * w).sum() / denom, {"weight": n, "accuracy": acc}
 
 
-class Task(tasks.Task):
+class Task(TaskBase):
   """Tiny decoder LM trained on the shapes corpus."""
 
   def __init__(self, config, workdir: str):
     super().__init__(config, workdir)
-    d = config.data
-    docs = text.corpus(0, d.num_train + d.num_eval, seed=d.seed, max_facts=d.max_facts)
-    self.tokenizer = text.load_or_train_tokenizer(os.path.join(workdir, "tokenizer"),
-                                                  docs[:d.tokenizer_docs], d.vocab_size)
     self.model_config = DecoderConfig.from_dict(config.model.to_dict())
-    if len(self.tokenizer) > self.model_config.vocab_size:
-      raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens > model.vocab_size {self.model_config.vocab_size}")
     self.model = DecoderLM(self.model_config)
-    arrays = text.tokenize(self.tokenizer, docs, d.seq_len)
-    self.train_arrays = {k: v[:d.num_train] for k, v in arrays.items()}
-    self.eval_arrays = {k: v[d.num_train:] for k, v in arrays.items()}
+    self.tokenizer_dir = os.path.join(workdir, "tokenizer")
+
+  def _docs(self) -> list[str]:
+    d = self.config.data
+    return text.corpus(0, d.num_train + d.num_eval, seed=d.seed, max_facts=d.max_facts)
+
+  def prepare(self):
+    """Train the tokenizer on the corpus and save it to workdir/tokenizer (reused when there)."""
+    d = self.config.data
+    self._set_tokenizer(text.load_or_train_tokenizer(self.tokenizer_dir, self._docs()[:d.tokenizer_docs],
+                                                     d.vocab_size))
+
+  def _set_tokenizer(self, tok):
+    if len(tok) > self.model_config.vocab_size:
+      raise ValueError(f"tokenizer has {len(tok)} tokens > model.vocab_size {self.model_config.vocab_size}")
+    self.__dict__["tokenizer"] = tok
+
+  @functools.cached_property
+  def tokenizer(self):
+    """workdir/tokenizer (prepare() trains it)."""
+    if not os.path.exists(os.path.join(self.tokenizer_dir, "tokenizer.json")):
+      raise ValueError(f"no tokenizer in {self.tokenizer_dir}: the task's prepare() trains it (training does)")
+    from jaxlisa.data.tokenization import load_saved_tokenizer  # pylint: disable=import-outside-toplevel
+    self._set_tokenizer(load_saved_tokenizer(self.tokenizer_dir))
+    return self.__dict__["tokenizer"]
+
+  @functools.cached_property
+  def _arrays(self) -> tuple[dict, dict]:
+    """(train, eval) token arrays of the corpus."""
+    d = self.config.data
+    arrays = text.tokenize(self.tokenizer, self._docs(), d.seq_len)
     logging.info("lm task: %d train / %d eval documents, %.1f tokens per document",
                  d.num_train, d.num_eval, arrays["attention_mask"].sum(1).mean())
+    return ({k: v[:d.num_train] for k, v in arrays.items()}, {k: v[d.num_train:] for k, v in arrays.items()})
 
   def init(self, rng):
     ids = jnp.zeros((1, self.config.data.seq_len), jnp.int32)
@@ -60,10 +84,10 @@ class Task(tasks.Task):
     return next_token_loss(out.logits, batch["input_ids"], batch["attention_mask"])
 
   def train_data(self):
-    return text.train_iterator(self.train_arrays, self.config.batch_size, seed=self.config.seed)
+    return text.train_iterator(self._arrays[0], self.config.batch_size, seed=self.config.seed)
 
   def eval_data(self):
-    return text.eval_batches(self.eval_arrays, self.config.batch_size)
+    return text.eval_batches(self._arrays[1], self.config.batch_size)
 
   def describe(self):
     m = self.model_config

@@ -29,30 +29,27 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxlisa import tasks
 from jaxlisa.constants import IGNORE_INDEX
 from jaxlisa.data import chatml, image_text, synthetic_captions
 from jaxlisa.models import minigpt4qwen as m4q
-from jaxlisa.registry import ImageEvalProcessor
-from jaxlisa.tasks.blip2 import convert_part, convert_whole, corpus_texts, data_dir, fit_to
+from jaxlisa.tasks import model_config
+from jaxlisa.tasks.blip2 import CaptionDataTask, convert_part, convert_whole, fit_to
 from jaxlisa.training import optimizer as optim_lib
 
 
-def model_config_from(config, tokenizer) -> m4q.MiniGPT4QwenConfig:
-  d = config.model.to_dict()
-  vision, q, llm = dict(d["vision"]), dict(d["qformer"]), dict(d["llm"])
-  if llm.get("vocab_size", -1) == -1:
-    llm["vocab_size"] = len(tokenizer)
-  if len(tokenizer) > llm["vocab_size"]:
-    raise ValueError(f"tokenizer has {len(tokenizer)} tokens > llm.vocab_size {llm['vocab_size']}")
+def _resolve_ids(d: dict, tokenizer) -> None:
+  llm, q = d["llm"], d["qformer"]
   llm.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.pad_token_id, bos_token_id=None)
   if q.get("encoder_hidden_size", -1) == -1:
-    q["encoder_hidden_size"] = vision["hidden_size"]
+    q["encoder_hidden_size"] = d["vision"]["hidden_size"]
   if q.get("vocab_size", -1) == -1:
     q["vocab_size"] = 1  # no text parts (use_text=False): unused
   if d.get("image_token_id", -1) == -1:
     d["image_token_id"] = int(tokenizer.convert_tokens_to_ids(chatml.IMAGE_TOKEN))
-  return m4q.MiniGPT4QwenConfig.from_dict({**d, "vision": vision, "qformer": q, "llm": llm})
+
+
+def model_config_from(config, tokenizer) -> m4q.MiniGPT4QwenConfig:
+  return model_config.from_tokenizer(config, tokenizer, m4q.MiniGPT4QwenConfig, "llm", _resolve_ids)
 
 
 def trainable_patterns(c: m4q.MiniGPT4QwenConfig) -> list[str]:
@@ -81,12 +78,12 @@ def stage1_parts(path: str, c: m4q.MiniGPT4QwenConfig) -> dict:
   converted directory), read with this model's vision / Q-Former architecture (a .pth has no
   config) and the checkpoint's own text vocabulary; the text parts come along (fit_to drops them)."""
   from jaxlisa.conversion import convert as convert_lib  # pylint: disable=import-outside-toplevel
-  from jaxlisa.conversion import registry  # pylint: disable=import-outside-toplevel
+  from jaxlisa.conversion import families  # pylint: disable=import-outside-toplevel
   from jaxlisa.conversion.checkpoint_io import open_checkpoint  # pylint: disable=import-outside-toplevel
   if convert_lib.is_converted(path):
     params = convert_lib.load_params(path)
   else:
-    found = registry.get_family("blip2_lavis").config_from_hf(None, open_checkpoint(path))
+    found = families.get_family("blip2_lavis").config_from_hf(None, open_checkpoint(path))
     q = c.qformer.replace(use_text=True, lm_head=True, vocab_size=found.qformer.vocab_size,
                           max_position_embeddings=found.qformer.max_position_embeddings)
     params = convert_lib.convert_checkpoint(path, family="blip2_lavis",
@@ -94,32 +91,20 @@ def stage1_parts(path: str, c: m4q.MiniGPT4QwenConfig) -> dict:
   return {k: params[k] for k in ("visual_encoder", "Qformer", "query_tokens") if k in params}
 
 
-class Task(tasks.Task):
+class Task(CaptionDataTask):
   """MiniGPT4-Qwen: next-token loss on the assistant turns of image conversations."""
 
-  def __init__(self, config, workdir: str):
-    super().__init__(config, workdir)
-    d = config.data
-    self.base_dir = data_dir(config, workdir)
-    root = d.image_root or self.base_dir
-    self.train_ann = synthetic_captions.read_json(os.path.join(self.base_dir, d.train_ann))
-    self.val_ann = synthetic_captions.read_json(os.path.join(self.base_dir, d.val_ann)) if d.val_ann else []
-    self.tokenizer = self._tokenizer()
-    self.model_config = model_config_from(config, self.tokenizer)
-    self.model = m4q.MiniGPT4Qwen(self.model_config)
-    self.processor = ImageEvalProcessor(self.model_config.vision.image_size)
-    self.train_source = self._source(self.train_ann, root, "train")
-    self.val_source = self._source(self.val_ann, root, "val") if self.val_ann else None
+  TEXT_KEYS = ("instruction", "output")
+  MODEL = m4q.MiniGPT4Qwen
+  model_config_from = staticmethod(model_config_from)
 
-  def _tokenizer(self):
-    init, d = self.config.init, self.config.data
-    if init.tokenizer:
-      from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
-      return AutoTokenizer.from_pretrained(init.tokenizer, trust_remote_code=True)
-    texts = corpus_texts(self.base_dir, self.train_ann, ("instruction", "output"))
-    return synthetic_captions.load_or_train(os.path.join(self.workdir, "tokenizer"),
-                                            synthetic_captions.train_chatml_tokenizer, texts,
-                                            vocab_size=d.vocab_size)
+  def _pretrained_tokenizer(self, path: str):
+    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+
+  def _train_tokenizer(self, texts):
+    return synthetic_captions.load_or_train(self.tokenizer_dir, synthetic_captions.train_chatml_tokenizer, texts,
+                                            vocab_size=self.config.data.vocab_size)
 
   def _source(self, anns, root, split):
     """ChatML ids / labels of every conversation (MiniGPT4Qwen.preprocess), one image each."""
@@ -177,15 +162,6 @@ class Task(tasks.Task):
     n = valid.sum()
     acc = ((jnp.argmax(out.logits[:, :-1], -1) == targets) * valid).sum() / jnp.maximum(n, 1.0)
     return out.loss, {"accuracy": acc, "weight": n}
-
-  # ---------------------------------------------------------------------------------- data
-  def train_data(self):
-    return image_text.train_iterator(self.train_source, self.config.batch_size, self.config.seed)
-
-  def eval_data(self):
-    if self.val_source is None:
-      return None
-    return image_text.eval_batches(self.val_source, self.config.batch_size)
 
   def describe(self):
     c = self.model_config

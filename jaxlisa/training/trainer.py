@@ -1,7 +1,9 @@
-"""The generic training loop: a task (jaxlisa/tasks) supplies model init, loss, data and the
-trainable mask; the trainer does mesh, sharded init, the jitted step, eval, checkpoints, resume.
+"""The generic training loop: a task (the `Task` protocol of training/task.py; jaxlisa/tasks has
+them) supplies model init, loss, data and the trainable mask; the trainer does mesh, sharded init,
+the jitted step, eval, checkpoints, resume.
 
-  trainer = Trainer(config, workdir)        # mesh, task, optimizer, shardings, jitted functions
+  task = jaxlisa.tasks.prepared_task(config, workdir)   # the caller picks and prepares the task
+  trainer = Trainer(config, workdir, task)  # mesh, optimizer, shardings, jitted functions
   result = trainer.fit(hooks)               # restore-or-init, train to config.total_steps
 
 The train step is `jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
@@ -28,9 +30,10 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxlisa import config as cfg_lib
-from jaxlisa import parallel, tasks
+from jaxlisa import parallel
 from jaxlisa.training import checkpoints as ckpt_lib
 from jaxlisa.training import optimizer as optim_lib
+from jaxlisa.training.task import Task
 from jaxlisa.training.train_state import TrainState
 
 
@@ -167,14 +170,15 @@ def _every(step: int, every: int) -> bool:
 class Trainer:
   """Owns the mesh, the task, the optimizer, the shardings and the jitted init/train/eval."""
 
-  def __init__(self, config, workdir: str, task: tasks.Task | None = None, devices=None):
-    """devices: the mesh's devices (default jax.devices()); e.g. an AOT topology's (tools/plan.py)."""
+  def __init__(self, config, workdir: str, task: Task, devices=None):
+    """task: what to train (prepared: its data and tokenizer written); devices: the mesh's devices
+    (default jax.devices()); e.g. an AOT topology's (tools/plan.py)."""
     self.config, self.workdir = config, workdir
     check_optim(config)
     os.makedirs(workdir, exist_ok=True)
     self.mesh = parallel.make_mesh(config.mesh.to_dict(), devices)
     self.rules = parallel.axis_rules(config.logical_axis_rules)
-    self.task = task or tasks.get_task(config, workdir)
+    self.task = task
     self.tx, self.schedule = optim_lib.make_optimizer(config)
     self.num_microbatches = int(config.grad_accum)
     shards = parallel.num_batch_shards(self.mesh)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from jaxlisa import registry as R
-from jaxlisa.conversion import registry as conv_registry
+from jaxlisa import zoo as R
+from jaxlisa.conversion import families as conv_families
 from jaxlisa.conversion.keymap import export_state, flatten_tree
+from jaxlisa.data.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from jaxlisa.inference import captioning
 
 
@@ -38,7 +39,7 @@ def test_image_processors():
   img = np.random.RandomState(0).randint(0, 256, (40, 60, 3)).astype(np.uint8)
   got = R.ImageEvalProcessor(28)(img)
   resized = np.asarray(Image.fromarray(img).resize((28, 28), Image.BICUBIC)).astype(np.float32) / 255
-  want = (resized - np.array(R.OPENAI_CLIP_MEAN, np.float32)) / np.array(R.OPENAI_CLIP_STD, np.float32)
+  want = (resized - np.array(OPENAI_CLIP_MEAN, np.float32)) / np.array(OPENAI_CLIP_STD, np.float32)
   np.testing.assert_allclose(got, want, atol=1e-6)
   train = R.ImageTrainProcessor(28, seed=1)
   a, b = train(img), train(img)
@@ -63,7 +64,7 @@ def test_zoo_real_architectures_have_the_released_sizes():
 
 def test_tiny_blip_caption_round_trip(tmp_path):
   module, params, vis, txt = R.load_model_and_preprocess("blip_caption", "tiny", seed=3)
-  state = export_state(params, conv_registry.get_family("blip_lavis").export_rules(module.config, ()))
+  state = export_state(params, conv_families.get_family("blip_lavis").export_rules(module.config, ()))
   path = str(tmp_path / "blip_tiny.pth")
   torch.save({"model": {k: torch.tensor(np.ascontiguousarray(v)) for k, v in state.items()}}, path)
   module2, params2, _, _ = R.load_model_and_preprocess("blip_caption", "tiny", checkpoint=path)
@@ -88,5 +89,5 @@ def test_tiny_models_build(name):
   module = cls(config)
   shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *R._dummy(module, config))["params"]  # pylint: disable=protected-access
   assert "visual_encoder" in shapes and "query_tokens" in shapes
-  assert conv_registry.get_family(family).build(config) == module
+  assert conv_families.get_family(family).build(config) == module
   assert R.ImageEvalProcessor(size)(np.zeros((10, 12, 3), np.uint8)).shape == (size, size, 3)

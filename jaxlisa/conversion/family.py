@@ -1,7 +1,7 @@
-"""Model families known to the converter: how to recognise, configure, map and build each.
-
-A family module (e.g. `conversion/llm.py`) calls `register(Family(...))` at import. Everything
-else (the CLI, `load_pretrained`, detection) goes through this table.
+"""What a converter family is (`Family`: recognise, configure, map and build one model family),
+what converting yields (`Converted`), and the helpers every family module uses. The table of
+all families is conversion/families.py; each family module (llm.py, vision.py, ...) lists its own
+in a module-level `FAMILIES` tuple.
 """
 
 from __future__ import annotations
@@ -12,14 +12,17 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from jaxlisa.conversion.checkpoint_io import CheckpointError
 from jaxlisa.conversion.keymap import Rule
 
+DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """name: registry key. detect(config_json, keys) -> bool (config may be None).
+  """name: the family table's key. detect(config_json, keys) -> bool (config may be None).
   config_from_hf(config_json | None, source) -> model config (a dataclass with to_dict/from_dict).
   config_cls: the model config class (to rebuild it from JSON).
   rules(model_config, keys) -> key map; export_rules(model_config) -> key map for export (HF names).
@@ -44,48 +47,19 @@ class Family:
   open_source: Callable[[str], Any] | None = None
 
 
-_FAMILIES: dict[str, Family] = {}
+@dataclasses.dataclass
+class Converted:
+  family: str
+  config: Any  # the model config dataclass
+  params: dict  # nested numpy arrays
 
 
-def register(family: Family) -> Family:
-  _FAMILIES[family.name] = family
-  return family
-
-
-def _load_all():
-  # Importing the family modules registers them.
-  from jaxlisa.conversion import llm  # pylint: disable=import-outside-toplevel,unused-import
-  for extra in ("vision", "sam", "llava", "lisa", "blip2", "blip"):
-    try:
-      __import__(f"jaxlisa.conversion.{extra}")
-    except ModuleNotFoundError as e:
-      if e.name != f"jaxlisa.conversion.{extra}":
-        raise
-
-
-def families() -> dict[str, Family]:
-  _load_all()
-  return dict(_FAMILIES)
-
-
-def get_family(name: str) -> Family:
-  fams = families()
-  if name not in fams:
-    raise CheckpointError(f"unknown family {name!r}; known families: {sorted(fams)}")
-  return fams[name]
-
-
-def detect_family(config_json: dict | None, keys: Sequence[str]) -> Family:
-  """The family whose detector accepts this checkpoint (config.json first, then key patterns)."""
-  for fam in sorted(families().values(), key=lambda f: -f.priority):
-    if fam.detect(config_json, keys):
-      return fam
-  hint = ""
-  if config_json:
-    hint = f" (config.json: model_type={config_json.get('model_type')!r}, " \
-           f"architectures={config_json.get('architectures')})"
-  raise CheckpointError(f"cannot tell which model family this checkpoint is{hint}; "
-                        f"sample keys: {list(keys)[:5]}; pass --family, one of {sorted(families())}")
+def np_dtype(name: str):
+  """The numpy dtype of a --dtype name (bfloat16: ml_dtypes')."""
+  if name not in DTYPES:
+    raise CheckpointError(f"unsupported --dtype {name!r}; choose from {sorted(DTYPES)}")
+  import ml_dtypes  # pylint: disable=import-outside-toplevel
+  return ml_dtypes.bfloat16 if name == "bfloat16" else DTYPES[name]
 
 
 def abstract_params(family: Family, model_config) -> dict:
