@@ -37,9 +37,9 @@ import jax.numpy as jnp
 from jaxlisa.inference.generate import _filter_logits
 from jaxlisa.models.eva import EVAViTConfig, EVAVisionTransformer
 from jaxlisa.models.layers import constrain
+from jaxlisa.models.losses import causal_lm_cross_entropy
 from jaxlisa.models.qformer import (IGNORE_INDEX, BATCH_LEN_EMBED, BertEmbeddings, DenseLayerNorm, Intermediate,
-                                    QFormerAttention, QFormerConfig, _OnlyMLMHead, lm_cross_entropy,
-                                    self_attention_mask)
+                                    QFormerAttention, QFormerConfig, _OnlyMLMHead, self_attention_mask)
 
 
 def blip_text_config(**kw) -> QFormerConfig:
@@ -190,7 +190,7 @@ class BlipForConditionalGeneration(nn.Module):
     out = self.text_decoder(input_ids, attention_mask, img, deterministic=deterministic)
     loss = None
     if labels is not None:
-      loss = lm_cross_entropy(out.logits[:, :-1], labels[:, 1:], self.config.label_smoothing)
+      loss = causal_lm_cross_entropy(out.logits, labels, self.config.label_smoothing)
     return BlipOutput(logits=out.logits, loss=loss, image_embeds=img)
 
   def decode_step(self, input_ids, cross_kv, cache, cache_index):

@@ -47,7 +47,8 @@ from jaxlisa.models.eva import EVAViTConfig, EVAVisionTransformer
 from jaxlisa.models.layers import DenseGeneral
 from jaxlisa.models import llm as llm_lib
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
-from jaxlisa.models.qformer import IGNORE_INDEX, QFormer, QFormerConfig, lm_cross_entropy
+from jaxlisa.models.losses import causal_lm_cross_entropy, cross_entropy
+from jaxlisa.models.qformer import IGNORE_INDEX, QFormer, QFormerConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +155,7 @@ def _device_index(axis_name: str | None):
 
 def label_smoothed_ce(logits: jax.Array, targets: jax.Array, eps: float) -> jax.Array:
   """F.cross_entropy(logits [B, C], targets [B], label_smoothing=eps), mean."""
-  return lm_cross_entropy(logits, targets, eps, ignore_index=-(2 ** 30))
+  return cross_entropy(logits, targets, eps, ignore_index=-(2 ** 30))
 
 
 def sample_hard_negatives(rng: jax.Array, sim_t2i: jax.Array, sim_i2t: jax.Array,
@@ -353,7 +354,7 @@ class Blip2OPT(_Blip2Base):
     if labels is not None:
       q = embeds.shape[1] - input_ids.shape[1]
       full = jnp.concatenate([jnp.full((labels.shape[0], q), IGNORE_INDEX, labels.dtype), labels], axis=1)
-      loss = lm_cross_entropy(out.logits[:, :-1], full[:, 1:], 0.0)
+      loss = causal_lm_cross_entropy(out.logits, full)
     return Blip2OPTOutput(logits=out.logits, loss=loss)
 
 

@@ -33,7 +33,8 @@ from jaxlisa.models.blip2 import _Blip2Base
 from jaxlisa.models.eva import EVAViTConfig
 from jaxlisa.models.layers import DenseGeneral
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
-from jaxlisa.models.qformer import IGNORE_INDEX, QFormerConfig, lm_cross_entropy
+from jaxlisa.models.losses import causal_lm_cross_entropy
+from jaxlisa.models.qformer import IGNORE_INDEX, QFormerConfig
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 IMAGE_TOKEN = "<|extra_0|>"
@@ -137,7 +138,7 @@ class MiniGPT4Qwen(_Blip2Base):
     placeholders). Loss: next-token CE over labels != -100 (the HF causal-LM loss)."""
     embeds = self.embed(pixels, input_ids)
     out = self.llm_model(inputs_embeds=embeds, attention_mask=attention_mask, deterministic=deterministic)
-    loss = None if labels is None else lm_cross_entropy(out.logits[:, :-1], labels[:, 1:], 0.0)
+    loss = None if labels is None else causal_lm_cross_entropy(out.logits, labels)
     return MiniGPT4QwenOutput(logits=out.logits, loss=loss)
 
 

@@ -46,10 +46,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models import attention as attn_lib
-from jaxlisa.models.layers import DenseGeneral, Embed, LayerNorm, activation, constrain
-
-BATCH_LEN_EMBED = ("activation_batch", "activation_length", "activation_embed")
-IGNORE_INDEX = -100
+from jaxlisa.models.layers import BATCH_LEN_EMBED, DenseGeneral, Embed, LayerNorm, activation, constrain
+from jaxlisa.models.losses import IGNORE_INDEX, causal_lm_cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,18 +401,4 @@ class QFormer(nn.Module):
     Returns (loss, logits [B, T, V])."""
     out = self.bert(input_ids, attention_mask, prefix_kv=prefix_kv, causal=True, deterministic=deterministic)
     logits = self.logits(out.last_hidden_state)
-    return lm_cross_entropy(logits[:, :-1], labels[:, 1:], label_smoothing), logits
-
-
-def lm_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0,
-                     ignore_index: int = IGNORE_INDEX) -> jax.Array:
-  """PyTorch `CrossEntropyLoss(label_smoothing=eps, ignore_index=-100)`, mean over non-ignored
-  targets: (1 - eps) * NLL + eps * mean_c(-log p_c). logits [..., V] (fp32 math), labels [...]."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  valid = labels != ignore_index
-  safe = jnp.where(valid, labels, 0)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-  smooth = -jnp.mean(logp, axis=-1)
-  per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
-  n = jnp.sum(valid)
-  return jnp.sum(jnp.where(valid, per_token, 0.0)) / jnp.maximum(n, 1)
+    return causal_lm_cross_entropy(logits, labels, label_smoothing), logits

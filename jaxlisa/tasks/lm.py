@@ -11,24 +11,22 @@ import os
 
 import jax
 import jax.numpy as jnp
-import optax
 from absl import logging
 
 from jaxlisa import tasks
 from jaxlisa.data import text
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
+from jaxlisa.models.losses import IGNORE_INDEX, causal_lm_cross_entropy
 
 
 def next_token_loss(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, dict]:
   """logits [B, T, V] predict input_ids [B, T] shifted by one; mean CE over real target tokens.
   Returns (loss, {'weight': #targets, 'accuracy'})."""
-  logits = logits[:, :-1].astype(jnp.float32)
+  loss = causal_lm_cross_entropy(logits, jnp.where(attention_mask > 0, input_ids, IGNORE_INDEX))
   targets, w = input_ids[:, 1:], attention_mask[:, 1:].astype(jnp.float32)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   n = w.sum()
-  denom = jnp.maximum(n, 1.0)
-  acc = ((jnp.argmax(logits, -1) == targets) * w).sum() / denom
-  return (nll * w).sum() / denom, {"weight": n, "accuracy": acc}
+  acc = ((jnp.argmax(logits[:, :-1], -1) == targets) * w).sum() / jnp.maximum(n, 1.0)
+  return loss, {"weight": n, "accuracy": acc}
 
 
 class Task(tasks.Task):
