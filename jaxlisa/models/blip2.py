@@ -44,7 +44,7 @@ from absl import logging
 
 from jaxlisa.inference import generate as gen_lib
 from jaxlisa.models.eva import EVAViTConfig, EVAVisionTransformer
-from jaxlisa.models.layers import DenseGeneral
+from jaxlisa.models.layers import DenseGeneral, dtypes
 from jaxlisa.models import llm as llm_lib
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
 from jaxlisa.models.losses import causal_lm_cross_entropy, cross_entropy
@@ -129,9 +129,6 @@ class Blip2OPTOutput:
   loss: jax.Array | None = None
 
 
-def _dt(name: str):
-  return jnp.dtype(name)
-
 
 def normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   """F.normalize(x, dim=-1): x / max(||x||, eps)."""
@@ -178,7 +175,7 @@ class _Blip2Base(nn.Module):
     self.Qformer = QFormer(qformer_config)  # pylint: disable=invalid-name
     init = nn.initializers.normal(0.02)
     self.query_tokens = self.param("query_tokens", nn.with_logical_partitioning(init, (None, None, "embed")),
-                                   (1, c.num_query_tokens, c.qformer.hidden_size), _dt(c.qformer.param_dtype))
+                                   (1, c.num_query_tokens, c.qformer.hidden_size), jnp.dtype(c.qformer.param_dtype))
 
   def image_embeds(self, pixels: jax.Array) -> jax.Array:
     """pixels [B, H, W, 3] (normalized, NHWC) -> ln_vision(ViT(pixels)) [B, 1 + P, Dv]."""
@@ -197,7 +194,7 @@ class Blip2Qformer(_Blip2Base):
   def setup(self):
     c = self.config
     self._setup_image_path(c.qformer)
-    kw = dict(use_bias=True, dtype=_dt(c.qformer.dtype), param_dtype=_dt(c.qformer.param_dtype))
+    kw = dict(use_bias=True, **dtypes(c.qformer))
     self.vision_proj = DenseGeneral(c.embed_dim, kernel_axes=("embed", None), **kw)
     self.text_proj = DenseGeneral(c.embed_dim, kernel_axes=("embed", None), **kw)
     self.itm_head = DenseGeneral(2, kernel_axes=("embed", None), **kw)
@@ -328,13 +325,13 @@ class Blip2OPT(_Blip2Base):
       raise ValueError("Blip2OPT needs an OPT text config (config.text.family == 'opt')")
     self._setup_image_path(c.qformer.replace(use_text=False, lm_head=False))
     self.opt_proj = DenseGeneral(c.text.embed_dim, kernel_axes=(None, "embed"), use_bias=True,
-                                 dtype=_dt(c.text.dtype), param_dtype=_dt(c.text.param_dtype))
+                                 **dtypes(c.text))
     self.opt_model = DecoderLM(c.text)
 
   def encode_image(self, pixels: jax.Array) -> jax.Array:
     """pixels [B, H, W, 3] -> query embeddings in OPT's input space [B, Q, D_opt]."""
     q = self.query_output(self.image_embeds(pixels)).last_hidden_state
-    return self.opt_proj(q.astype(_dt(self.config.text.dtype)))
+    return self.opt_proj(q.astype(jnp.dtype(self.config.text.dtype)))
 
   def prefix_embeds(self, pixels, input_ids, attention_mask):
     """[opt_proj(queries); embed(input_ids)] [B, Q + T, D_opt] and its mask [B, Q + T]."""
