@@ -189,14 +189,23 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
-# Named remat policies (MaxText vocabulary). Layers tag tensors with `checkpoint_name`:
+# Named remat policies. Layers tag tensors with `checkpoint_name` (MaxText's names):
 # query_proj/key_proj/value_proj (q, k, v), context (attention output before o_proj),
 # out_proj, mlpwi (MLP input projections), mlpwo (MLP output).
+# "save_dots_no_batch_dims" is jax's dots_with_no_batch_dims_saveable: every matmul without batch
+# dimensions is saved (the projections and MLP), attention's batched einsums are recomputed.
+# It was called "minimal", which is not MaxText's "minimal"; that name is refused.
+RENAMED_REMAT_POLICIES = {"minimal": "save_dots_no_batch_dims"}
+
+
 def remat_policy(name: str):
   cp = jax.checkpoint_policies
+  if name in RENAMED_REMAT_POLICIES:
+    raise ValueError(f"remat_policy {name!r} is now called {RENAMED_REMAT_POLICIES[name]!r} "
+                     "(jax's dots_with_no_batch_dims_saveable)")
   policies = {
       "full": cp.nothing_saveable,
-      "minimal": cp.dots_with_no_batch_dims_saveable,
+      "save_dots_no_batch_dims": cp.dots_with_no_batch_dims_saveable,
       "save_dot_except_mlp": cp.save_only_these_names("query_proj", "key_proj", "value_proj",
                                                       "context", "out_proj"),
       "save_qkv_proj": cp.save_only_these_names("query_proj", "key_proj", "value_proj"),

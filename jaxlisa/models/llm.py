@@ -88,6 +88,7 @@ class DecoderConfig(ConfigMixin):
   attention_impl: str = "xla"
 
   def __post_init__(self):
+    super().__post_init__()
     if self.family not in FAMILIES:
       raise ValueError(f"unknown decoder family {self.family!r}; expected one of {FAMILIES}")
     if self.layer_types is not None:

@@ -90,6 +90,7 @@ class SamConfig(ConfigMixin):
   scan_layers: bool = False  # SAM blocks are always unrolled; the converter reads this
 
   def __post_init__(self):
+    super().__post_init__()
     if self.scan_layers:
       raise ValueError("SAM image-encoder blocks are unrolled; scan_layers must be False")
     bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
