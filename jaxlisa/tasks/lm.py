@@ -1,4 +1,4 @@
-"""Next-token LM on the synthetic shapes corpus (jaxlisa/data/text.py), from scratch.
+"""Next-token LM on the synthetic shapes corpus (jaxlisa/data/synthetic_text.py), from scratch.
 
 config.model: DecoderConfig fields; config.data: seed, num_train, num_eval, seq_len, vocab_size
 (the tokenizer's target size, <= model.vocab_size), tokenizer_docs (documents it is trained on).
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from absl import logging
 
 from jaxlisa import tasks
-from jaxlisa.data import text
+from jaxlisa.data import synthetic_text as text
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
 from jaxlisa.models.losses import IGNORE_INDEX, causal_lm_cross_entropy
 
