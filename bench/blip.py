@@ -45,7 +45,7 @@ from jaxlisa.conversion.convert import convert_checkpoint  # noqa: E402
 from jaxlisa.models import blip as blip_lib  # noqa: E402
 from jaxlisa.models import blip2 as blip2_lib  # noqa: E402
 from jaxlisa.tasks import blip2 as blip2_task  # noqa: E402
-from jaxlisa.training import optimizer as optim_lib  # noqa: E402
+from jaxlisa.training import partition  # noqa: E402
 from jaxlisa.training.train_state import TrainState  # noqa: E402
 from jaxlisa.training.trainer import Trainer  # noqa: E402
 
@@ -217,7 +217,7 @@ def bench_stage1(a, extra):
     task.model = blip2_lib.Blip2Qformer(conv.config)
     t0 = time.perf_counter()
     trainer = Trainer(config, wd, task=task)
-    trained, frozen = optim_lib.split(jax.tree.map(jnp.asarray, conv.params), trainer.mask)
+    trained, frozen = partition.split(jax.tree.map(jnp.asarray, conv.params), trainer.mask)
     state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trained, frozen=frozen,
                        opt_state=trainer.tx.init(trained), rng=jax.random.PRNGKey(1))
     state = jax.device_put(state, trainer.state_sharding)

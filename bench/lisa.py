@@ -74,7 +74,7 @@ from jaxlisa.data.preprocess import clip_preprocess, sam_preprocess, sam_preproc
 from jaxlisa.inference import segment as seg_lib  # noqa: E402
 from jaxlisa.models import lisa as lisa_lib  # noqa: E402
 from jaxlisa.tasks import lisa as lisa_task  # noqa: E402
-from jaxlisa.training import optimizer as optim_lib  # noqa: E402
+from jaxlisa.training import partition  # noqa: E402
 from jaxlisa.training.train_state import TrainState  # noqa: E402
 from jaxlisa.training.trainer import Trainer  # noqa: E402
 
@@ -393,7 +393,7 @@ def bench_train(ref, conv, a, config, task, workdir, extra):
   t0 = time.perf_counter()
   trainer = Trainer(config, workdir, task=task)
   # the state init_state + load_params would give, without compiling a random init first
-  trained, frozen = optim_lib.split(jax.tree.map(jnp.asarray, conv.params), trainer.mask)
+  trained, frozen = partition.split(jax.tree.map(jnp.asarray, conv.params), trainer.mask)
   state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trained, frozen=frozen,
                      opt_state=trainer.tx.init(trained), rng=jax.random.split(trainer.rng)[1])
   state = jax.device_put(state, trainer.state_sharding)

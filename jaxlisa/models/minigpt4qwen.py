@@ -165,7 +165,7 @@ def trainable_patterns(c: MiniGPT4QwenConfig) -> list[str]:
 
 def trainable_mask(params: Any, c: MiniGPT4QwenConfig) -> Any:
   """Tree of bools like params (True = trained) from the freeze switches; the same paths and regex
-  semantics as jaxlisa.training.optimizer.trainable_mask (pass `trainable_patterns(c)` there)."""
+  semantics as jaxlisa.training.partition.trainable_mask (pass `trainable_patterns(c)` there)."""
   pats = trainable_patterns(c)
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict(

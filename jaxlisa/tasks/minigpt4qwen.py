@@ -35,7 +35,7 @@ from jaxlisa.models import minigpt4qwen as m4q
 from jaxlisa.models.qformer import IGNORE_INDEX
 from jaxlisa.registry import ImageEvalProcessor
 from jaxlisa.tasks.blip2 import convert_part, convert_whole, corpus_texts, data_dir, fit_to
-from jaxlisa.training import optimizer as optim_lib
+from jaxlisa.training import partition
 
 
 def model_config_from(config, tokenizer) -> m4q.MiniGPT4QwenConfig:
@@ -124,7 +124,7 @@ class Task(tasks.Task):
 
   def trainable_mask(self, params):
     pats = tuple(self.config.trainable) or tuple(m4q.trainable_patterns(self.model_config))
-    return optim_lib.trainable_mask(params, pats, tuple(self.config.frozen))
+    return partition.trainable_mask(params, pats, tuple(self.config.frozen))
 
   def pretrained(self):
     init, c = self.config.init, self.model_config
