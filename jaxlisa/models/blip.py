@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jaxlisa.inference.generate import _filter_logits
 from jaxlisa.models.eva import EVAViTConfig, EVAVisionTransformer
 from jaxlisa.models.layers import constrain
+from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models.losses import causal_lm_cross_entropy
 from jaxlisa.models.qformer import (IGNORE_INDEX, BATCH_LEN_EMBED, BertEmbeddings, DenseLayerNorm, Intermediate,
                                     QFormerAttention, QFormerConfig, _OnlyMLMHead, self_attention_mask)
@@ -52,7 +53,7 @@ def blip_text_config(**kw) -> QFormerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class BlipConfig:
+class BlipConfig(ConfigMixin):
   vision: EVAViTConfig = dataclasses.field(default_factory=lambda: EVAViTConfig(
       image_size=384, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_dim=3072,
       layer_norm_eps=1e-6, ln_vision_eps=1e-6))
@@ -64,23 +65,7 @@ class BlipConfig:
   def scan_layers(self) -> bool:
     return self.vision.scan_layers
 
-  def replace(self, **kw) -> "BlipConfig":
-    return dataclasses.replace(self, **kw)
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "BlipConfig":
-    d = dict(d)
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"unknown BlipConfig fields {unknown}")
-    if isinstance(d.get("vision"), dict):
-      d["vision"] = EVAViTConfig.from_dict(d["vision"])
-    if isinstance(d.get("text"), dict):
-      d["text"] = QFormerConfig.from_dict(d["text"])
-    return cls(**d)
 
 
 @flax.struct.dataclass

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
 
 import flax.linen as nn
 import flax.struct
@@ -44,6 +43,7 @@ from absl import logging
 
 from jaxlisa.inference import generate as gen_lib
 from jaxlisa.models.eva import EVAViTConfig, EVAVisionTransformer
+from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models.layers import DenseGeneral, dtypes
 from jaxlisa.models import llm as llm_lib
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
@@ -52,7 +52,7 @@ from jaxlisa.models.qformer import IGNORE_INDEX, QFormer, QFormerConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Blip2Config:
+class Blip2Config(ConfigMixin):
   """vision: EVA ViT (+ ln_vision); qformer: the Q-Former (num_query_tokens lives there); text: the
   OPT decoder of stage 2 (None for stage 1)."""
   vision: EVAViTConfig = dataclasses.field(default_factory=EVAViTConfig.eva_vit_g)
@@ -77,27 +77,6 @@ class Blip2Config:
     if self.text is not None and self.text.scan_layers != self.vision.scan_layers:
       raise ValueError("vision and text towers must agree on scan_layers")
     return self.vision.scan_layers
-
-  def replace(self, **kw) -> "Blip2Config":
-    return dataclasses.replace(self, **kw)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "Blip2Config":
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown Blip2Config fields {unknown}")
-    if isinstance(d.get("vision"), dict):
-      d["vision"] = EVAViTConfig.from_dict(d["vision"])
-    if isinstance(d.get("qformer"), dict):
-      d["qformer"] = QFormerConfig.from_dict(d["qformer"])
-    if isinstance(d.get("text"), dict):
-      d["text"] = DecoderConfig.from_dict(d["text"])
-    return cls(**d)
 
 
 @flax.struct.dataclass

@@ -33,6 +33,7 @@ from jaxlisa.models.blip2 import _Blip2Base
 from jaxlisa.models.eva import EVAViTConfig
 from jaxlisa.models.layers import DenseGeneral
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
+from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models.losses import causal_lm_cross_entropy
 from jaxlisa.models.qformer import IGNORE_INDEX, QFormerConfig
 
@@ -42,7 +43,7 @@ SYSTEM_MESSAGE = "You are a helpful assistant."
 
 
 @dataclasses.dataclass(frozen=True)
-class MiniGPT4QwenConfig:
+class MiniGPT4QwenConfig(ConfigMixin):
   vision: EVAViTConfig = dataclasses.field(default_factory=EVAViTConfig.eva_vit_g)
   qformer: QFormerConfig = dataclasses.field(default_factory=lambda: QFormerConfig(use_text=False, lm_head=False))
   llm: DecoderConfig = dataclasses.field(default_factory=lambda: DecoderConfig(
@@ -69,28 +70,11 @@ class MiniGPT4QwenConfig:
       raise ValueError("vision and LLM towers must agree on scan_layers")
     return self.vision.scan_layers
 
-  def replace(self, **kw) -> "MiniGPT4QwenConfig":
-    return dataclasses.replace(self, **kw)
-
   def with_lora(self, rank: int = 8, alpha: float = 32.0, dropout: float = 0.05,
                 targets: tuple[str, ...] = ("q_proj", "v_proj")) -> "MiniGPT4QwenConfig":
     """The original `get_lora` settings (PEFT LoraConfig on q_proj / v_proj)."""
     return self.replace(llm=self.llm.replace(lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout,
                                              lora_targets=targets))
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "MiniGPT4QwenConfig":
-    d = dict(d)
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"unknown MiniGPT4QwenConfig fields {unknown}")
-    for k, c in (("vision", EVAViTConfig), ("qformer", QFormerConfig), ("llm", DecoderConfig)):
-      if isinstance(d.get(k), dict):
-        d[k] = c.from_dict(d[k])
-    return cls(**d)
 
 
 @flax.struct.dataclass
