@@ -97,6 +97,13 @@ class DecoderConfig(ConfigMixin):
         raise ValueError(f"layer_types must give 'full_attention' or 'sliding_attention' for each of the "
                          f"{self.num_hidden_layers} layers, got {self.layer_types}")
 
+  @classmethod
+  def qwen_7b(cls, **kw) -> "DecoderConfig":
+    """Qwen-7B(-Chat), MiniGPT4-Qwen's LLM (its HF config.json; `c_attn` has biases)."""
+    return cls(**{**dict(family="qwen", vocab_size=151936, hidden_size=4096, intermediate_size=11008,
+                         num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=8192, norm_eps=1e-6,
+                         attention_bias=True, bos_token_id=None, eos_token_id=151643, pad_token_id=151643), **kw})
+
   @property
   def window_layers(self) -> tuple[bool, ...]:
     """Per layer: does it attend within sliding_window? ([L] static flags)"""

@@ -46,10 +46,7 @@ SYSTEM_MESSAGE = "You are a helpful assistant."
 class MiniGPT4QwenConfig(ConfigMixin):
   vision: EVAViTConfig = dataclasses.field(default_factory=EVAViTConfig.eva_vit_g)
   qformer: QFormerConfig = dataclasses.field(default_factory=lambda: QFormerConfig(use_text=False, lm_head=False))
-  llm: DecoderConfig = dataclasses.field(default_factory=lambda: DecoderConfig(
-      family="qwen", vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-      num_attention_heads=32, max_position_embeddings=8192, attention_bias=True, bos_token_id=None,
-      eos_token_id=151643, pad_token_id=151643))
+  llm: DecoderConfig = dataclasses.field(default_factory=DecoderConfig.qwen_7b)
   image_token_id: int = 151646  # "<|extra_0|>" in Qwen-7B-Chat's tokenizer
   max_txt_len: int = 512
   # freeze switches (minigpt4qwen.yaml defaults)
