@@ -31,6 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -48,6 +49,7 @@ from jaxlisa.tasks import blip2 as blip2_task  # noqa: E402
 from jaxlisa.training import partition  # noqa: E402
 from jaxlisa.training.train_state import TrainState  # noqa: E402
 from jaxlisa.training.trainer import Trainer  # noqa: E402
+from torch_refs import blip2 as blip2_ref  # noqa: E402
 
 VOCAB = 30524  # bert-base-uncased + [DEC] (+1 spare, as BLIP's 30524)
 DEC, SEP, CLS = 30522, 102, 101
@@ -121,31 +123,7 @@ class TorchStage1(torch.nn.Module):
 
 def lavis_state(model: TorchStage1) -> dict:
   """The PyTorch weights under LAVIS Blip2Qformer names (what blip2_pretrained.pth holds)."""
-  out = {}
-  for k, v in model.ref.state_dict().items():
-    v = v.detach().clone()
-    if k.startswith("vision_model."):
-      k2 = (k.replace("vision_model.embeddings.class_embedding", "visual_encoder.cls_token")
-            .replace("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed")
-            .replace("vision_model.embeddings.patch_embedding", "visual_encoder.patch_embed.proj")
-            .replace("vision_model.post_layernorm", "ln_vision")
-            .replace("vision_model.encoder.layers.", "visual_encoder.blocks.")
-            .replace("self_attn.projection", "attn.proj").replace("layer_norm1", "norm1").replace("layer_norm2", "norm2"))
-      if k2.endswith("self_attn.qkv.bias"):
-        w = v.shape[0] // 3
-        base = k2[:-len("self_attn.qkv.bias")]
-        out[base + "attn.q_bias"], out[base + "attn.v_bias"] = v[:w], v[2 * w:]
-        continue
-      out[k2.replace("self_attn.qkv", "attn.qkv")] = v
-    elif k.startswith("qformer."):
-      k2 = "Qformer.bert." + k[len("qformer."):]
-      k2 = k2.replace("Qformer.bert.layernorm", "Qformer.bert.embeddings.LayerNorm")
-      out[k2.replace(".attention.attention.", ".attention.self.").replace(".crossattention.attention.",
-                                                                          ".crossattention.self.")] = v
-    elif k.startswith("embeddings."):
-      out["Qformer.bert." + k] = v
-    else:
-      out[k.replace("vision_projection", "vision_proj").replace("text_projection", "text_proj")] = v
+  out = blip2_ref.lavis_names(model.ref.state_dict())
   p = "Qformer.cls.predictions."
   out[p + "transform.dense.weight"] = model.transform.weight.detach().clone()
   out[p + "transform.dense.bias"] = model.transform.bias.detach().clone()

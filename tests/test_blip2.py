@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import transformers as tf
 
 from conftest import max_abs_diff
+from torch_refs import blip2 as blip2_ref
 from jaxlisa.conversion import registry
 from jaxlisa.conversion.checkpoint_io import open_checkpoint
 from jaxlisa.conversion.convert import convert_checkpoint
@@ -241,35 +242,8 @@ def test_retrieval_itm_and_itc_match_hf(ret_pair):
 def _lavis_state(ref, seed=3):
   """The retrieval model's weights under LAVIS names, plus a random LM head and temp (a stage-1 .pth)."""
   g = torch.Generator().manual_seed(seed)
-  sd = {k: v.clone() for k, v in ref.state_dict().items()}
-  out = {}
-  for k, v in sd.items():
-    if k.startswith("vision_model."):
-      k2 = k.replace("vision_model.embeddings.class_embedding", "visual_encoder.cls_token")
-      k2 = k2.replace("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed")
-      k2 = k2.replace("vision_model.embeddings.patch_embedding", "visual_encoder.patch_embed.proj")
-      k2 = k2.replace("vision_model.post_layernorm", "ln_vision")
-      k2 = k2.replace("vision_model.encoder.layers.", "visual_encoder.blocks.")
-      k2 = k2.replace("self_attn.projection", "attn.proj").replace("layer_norm1", "norm1")
-      k2 = k2.replace("layer_norm2", "norm2")
-      if k2.endswith("self_attn.qkv.bias"):
-        w = v.shape[0] // 3
-        base = k2[:-len("self_attn.qkv.bias")]
-        out[base + "attn.q_bias"], out[base + "attn.v_bias"] = v[:w], v[2 * w:]
-        continue
-      out[k2.replace("self_attn.qkv", "attn.qkv")] = v
-    elif k.startswith("qformer."):
-      k2 = "Qformer.bert." + k[len("qformer."):]
-      k2 = k2.replace("Qformer.bert.layernorm", "Qformer.bert.embeddings.LayerNorm")
-      out[k2.replace(".attention.attention.", ".attention.self.").replace(".crossattention.attention.",
-                                                                          ".crossattention.self.")] = v
-    elif k.startswith("embeddings."):
-      out["Qformer.bert." + k] = v
-    elif k.startswith("language_model."):
-      out["opt_model." + k[len("language_model."):]] = v
-    else:
-      out[k.replace("vision_projection", "vision_proj").replace("text_projection", "text_proj")
-          .replace("language_projection", "opt_proj")] = v
+  sd = ref.state_dict()
+  out = blip2_ref.lavis_names(sd)
   if "opt_proj.weight" in out:
     return out
   d = sd["qformer.layernorm.weight"].shape[0]

@@ -41,6 +41,7 @@ from jaxlisa.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E
 from jaxlisa.data.tokenization import expand_image_tokens  # noqa: E402
 from jaxlisa.models import lisa as lisa_lib  # noqa: E402
 from jaxlisa.training import losses  # noqa: E402
+from torch_refs import lisa as lisa_ref  # noqa: E402
 
 V, D, IM_START, IM_END, SEG = 100, 64, 97, 98, 99
 CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
@@ -100,10 +101,7 @@ def official_state(ref) -> dict[str, torch.Tensor]:
   for i in range(TEXT["num_hidden_layers"]):  # persistent in transformers 4.31, skipped by the converter
     state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = 1.0 / (
         10000 ** (torch.arange(0, 16, 2).float() / 16))
-  state["model.mm_projector.weight"] = ref["projector"].weight
-  state["model.mm_projector.bias"] = ref["projector"].bias
-  state.update({"model.visual_model." + k: v for k, v in ref["sam"].state_dict().items()})
-  state.update({"model.text_hidden_fcs." + k: v for k, v in ref["fcs"].state_dict().items()})
+  state.update(lisa_ref.parts_state(ref))
   return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
@@ -143,20 +141,6 @@ def ref_prepare_inputs_labels(embed_tokens, input_ids, attention_mask, labels, i
   embeds, new_labels = torch.stack(new_embeds), torch.stack(new_labels)
   pad_left = torch.ones((attention_mask.shape[0], embeds.shape[1] - input_ids.shape[1]), dtype=attention_mask.dtype)
   return embeds, new_labels, torch.cat([pad_left, attention_mask], 1)
-
-
-def ref_dice_loss(inputs, targets, num_masks, scale=1000, eps=1e-6):
-  inputs = inputs.sigmoid().flatten(1, 2)
-  targets = targets.flatten(1, 2)
-  numerator = 2 * (inputs / scale * targets).sum(-1)
-  denominator = (inputs / scale).sum(-1) + (targets / scale).sum(-1)
-  loss = 1 - (numerator + eps) / (denominator + eps)
-  return loss.sum() / (num_masks + 1e-8)
-
-
-def ref_sigmoid_ce_loss(inputs, targets, num_masks):
-  loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-  return loss.flatten(1, 2).mean(1).sum() / (num_masks + 1e-8)
 
 
 def ref_model_forward(ref, images, images_clip, input_ids, labels, attention_masks, offset, masks_list,
@@ -200,8 +184,8 @@ def ref_model_forward(ref, images, images_clip, input_ids, labels, attention_mas
   bce, dice, num_masks = 0, 0, 0
   for gt_mask, pred_mask in zip(masks_list, pred_masks):
     assert gt_mask.shape[0] == pred_mask.shape[0]
-    bce = bce + ref_sigmoid_ce_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
-    dice = dice + ref_dice_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
+    bce = bce + lisa_ref.sigmoid_ce_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
+    dice = dice + lisa_ref.dice_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
     num_masks += gt_mask.shape[0]
   ce = ce_loss * WEIGHTS["ce"]
   bce = WEIGHTS["bce"] * bce / (num_masks + 1e-8)
