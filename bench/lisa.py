@@ -231,12 +231,7 @@ def model_forward(ref, seg, images, images_clip, input_ids, labels, attention_ma
   pred_embeddings = [pred_embeddings[seg_token_offset[i]:seg_token_offset[i + 1]]
                      for i in range(len(seg_token_offset) - 1)]
   pred_masks = decode_masks(sam, pred_embeddings, image_embeddings, resize_list, [lb.shape for lb in label_list])
-  bce, dice, num_masks = 0, 0, 0
-  for gt_mask, pred_mask in zip(masks_list, pred_masks):
-    assert gt_mask.shape[0] == pred_mask.shape[0]
-    bce = bce + lisa_ref.sigmoid_ce_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
-    dice = dice + lisa_ref.dice_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
-    num_masks += gt_mask.shape[0]
+  bce, dice, num_masks = lisa_ref.mask_losses(pred_masks, masks_list)
   bce = 2.0 * bce / (num_masks + 1e-8)
   dice = 0.5 * dice / (num_masks + 1e-8)
   return ce_loss * 1.0 + bce + dice

@@ -181,12 +181,7 @@ def ref_model_forward(ref, images, images_clip, input_ids, labels, attention_mas
                                   multimask_output=False)
     pred = sam.postprocess_masks(low_res.float(), input_size=resize_list[i], original_size=label_list[i].shape)
     pred_masks.append(pred[:, 0])
-  bce, dice, num_masks = 0, 0, 0
-  for gt_mask, pred_mask in zip(masks_list, pred_masks):
-    assert gt_mask.shape[0] == pred_mask.shape[0]
-    bce = bce + lisa_ref.sigmoid_ce_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
-    dice = dice + lisa_ref.dice_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
-    num_masks += gt_mask.shape[0]
+  bce, dice, num_masks = lisa_ref.mask_losses(pred_masks, masks_list)
   ce = ce_loss * WEIGHTS["ce"]
   bce = WEIGHTS["bce"] * bce / (num_masks + 1e-8)
   dice = WEIGHTS["dice"] * dice / (num_masks + 1e-8)

@@ -18,6 +18,17 @@ def sigmoid_ce_loss(inputs, targets, num_masks):
   return loss.flatten(1, 2).mean(1).sum() / (num_masks + 1e-8)
 
 
+def mask_losses(pred_masks, masks_list):
+  """model_forward's accumulation over images: (sum of per-image BCE x n, sum of dice x n, n masks)."""
+  bce, dice, num_masks = 0, 0, 0
+  for gt_mask, pred_mask in zip(masks_list, pred_masks):
+    assert gt_mask.shape[0] == pred_mask.shape[0]
+    bce = bce + sigmoid_ce_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
+    dice = dice + dice_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
+    num_masks += gt_mask.shape[0]
+  return bce, dice, num_masks
+
+
 def parts_state(ref) -> dict[str, torch.Tensor]:
   """The merge script's tensors beside the LLaMA ones: mm_projector, SAM (visual_model) and
   text_hidden_fcs, from a reference dict {'projector', 'sam', 'fcs'} of torch modules."""
