@@ -22,12 +22,11 @@ import numpy as np
 import pytest
 
 import conftest
-from conftest import max_abs_diff
+from conftest import assert_trees_equal, max_abs_diff, write_checkpoint_dir
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 import transformers as tf  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
 
 conftest.stub_torchvision()
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer  # noqa: E402,E501
@@ -36,7 +35,6 @@ from jaxlisa.conversion import lisa as lisa_conv  # noqa: E402
 from jaxlisa.conversion import registry  # noqa: E402
 from jaxlisa.conversion.checkpoint_io import CheckpointError  # noqa: E402
 from jaxlisa.conversion.convert import export_checkpoint, load_pretrained, save_converted  # noqa: E402
-from jaxlisa.conversion.keymap import flatten_tree  # noqa: E402
 from jaxlisa.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from jaxlisa.data.tokenization import expand_image_tokens  # noqa: E402
 from jaxlisa.models import lisa as lisa_lib  # noqa: E402
@@ -190,14 +188,8 @@ def ref_model_forward(ref, images, images_clip, input_ids, labels, attention_mas
 
 # ----------------------------------------------------------------------------- files
 def _write_dir(d, state, config, added_tokens=True):
-  os.makedirs(d, exist_ok=True)
-  save_file({k: np.ascontiguousarray(_np(v)) for k, v in state.items()}, os.path.join(d, "model.safetensors"))
-  with open(os.path.join(d, "config.json"), "w") as f:
-    json.dump(config, f)
-  if added_tokens:
-    with open(os.path.join(d, "added_tokens.json"), "w") as f:
-      json.dump({"<im_start>": IM_START, "<im_end>": IM_END, "[SEG]": SEG}, f)
-  return str(d)
+  tokens = {"added_tokens.json": {"<im_start>": IM_START, "<im_end>": IM_END, "[SEG]": SEG}} if added_tokens else {}
+  return write_checkpoint_dir(d, state, config, tokens)
 
 
 def _lisa_config_json(vision_tower):
@@ -208,13 +200,6 @@ def _lisa_config_json(vision_tower):
           "image_aspect_ratio": "square", "out_dim": C, "train_mask_decoder": True, "use_cache": False,
           "tune_mm_mlp_adapter": False, "freeze_mm_mlp_adapter": True, "initializer_range": 0.02,
           "torch_dtype": "float32", "transformers_version": "4.31.0"}
-
-
-def _trees_equal(a, b):
-  fa, fb = flatten_tree(a), flatten_tree(b)
-  assert fa.keys() == fb.keys()
-  for k in fa:
-    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg="/".join(k))
 
 
 @pytest.fixture(scope="module")
@@ -506,16 +491,16 @@ def test_sharded_bin_and_load_pretrained(files, converted, tmp_path):
     json.dump(_lisa_config_json("openai/clip-vit-large-patch14"), f)
   sharded = lisa_conv.convert_lisa(str(d), clip_src=files["clip"], seg_token_idx=SEG)
   assert sharded.config == converted.config
-  _trees_equal(sharded.params, converted.params)
+  assert_trees_equal(sharded.params, converted.params)
 
   loaded = load_pretrained(files["auto"])
   assert loaded.family == "lisa" and loaded.config == converted.config
   assert isinstance(loaded.module, lisa_lib.Lisa)
-  _trees_equal(loaded.params, converted.params)
+  assert_trees_equal(loaded.params, converted.params)
   out = save_converted(str(tmp_path / "converted"), converted, source_dir=files["official"])
   again = load_pretrained(out)
   assert again.family == "lisa" and again.config == converted.config
-  _trees_equal(again.params, converted.params)
+  assert_trees_equal(again.params, converted.params)
 
 
 def test_missing_clip_and_seg_token_errors(files, tmp_path):
@@ -548,7 +533,7 @@ def test_export_round_trip_bit_exact(files, converted):
   cls = inside.params["llava"]["vision_tower"]["embeddings"]["class_embedding"]
   np.testing.assert_array_equal(cls, full[cls_key])
   # a CLIP directory passed explicitly replaces the tower inside
-  _trees_equal(lisa_conv.convert_lisa(pre, clip_src=files["clip"]).params, converted.params)
+  assert_trees_equal(lisa_conv.convert_lisa(pre, clip_src=files["clip"]).params, converted.params)
 
 
 def test_mlp2x_projector_names(files, converted, tmp_path):
@@ -653,8 +638,8 @@ def test_compose_lisa_from_original_llava(parts, files, converted, tmp_path):
   config, params, tok = lisa_conv.compose_lisa(d, parts["clip"], parts["sam"], tok)
   assert config.llava.mm_use_im_start_end and config.llava.text.vocab_size == n_tok + 3
   want = converted.params["llava"]
-  _trees_equal(params["llava"]["multi_modal_projector"], want["multi_modal_projector"])
-  _trees_equal(params["llava"]["vision_tower"], want["vision_tower"])
+  assert_trees_equal(params["llava"]["multi_modal_projector"], want["multi_modal_projector"])
+  assert_trees_equal(params["llava"]["vision_tower"], want["vision_tower"])
   np.testing.assert_array_equal(params["llava"]["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"],
                                 want["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"])
   np.testing.assert_array_equal(params["llava"]["language_model"]["embed_tokens"]["embedding"][:n_tok],
