@@ -31,6 +31,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -46,9 +47,10 @@ from jaxlisa.inference import captioning  # noqa: E402
 from jaxlisa.models import blip as blip_lib  # noqa: E402
 from jaxlisa.models import blip2 as blip2_lib  # noqa: E402
 from jaxlisa.tasks import blip2 as blip2_task  # noqa: E402
-from jaxlisa.training import optimizer as optim_lib  # noqa: E402
+from jaxlisa.training import partition  # noqa: E402
 from jaxlisa.training.train_state import TrainState  # noqa: E402
 from jaxlisa.training.trainer import Trainer  # noqa: E402
+from torch_refs import blip2 as blip2_ref  # noqa: E402
 
 VOCAB = 30524  # bert-base-uncased + [DEC] (+1 spare, as BLIP's 30524)
 DEC, SEP, CLS = 30522, 102, 101
@@ -72,81 +74,18 @@ class TorchStage1(torch.nn.Module):
     return h @ self.ref.embeddings.word_embeddings.weight.T + self.lm_bias  # tied decoder
 
   def forward(self, x, ids, mask, neg_img=None, neg_txt=None):
-    ref, b = self.ref, x.shape[0]
-    nq = ref.query_tokens.shape[1]
+    ref = self.ref
     with torch.no_grad():  # freeze_vit: the ViT runs without gradients; ln_vision (post_layernorm) trains
       vit = ref.vision_model.embeddings(x)
       vit = ref.vision_model.encoder(inputs_embeds=vit).last_hidden_state
     image_embeds = ref.vision_model.post_layernorm(vit)
-    q = ref.query_tokens.expand(b, -1, -1)
-    query_out = ref.qformer(query_embeds=q, encoder_hidden_states=image_embeds).last_hidden_state
-    image_feats = F.normalize(ref.vision_projection(query_out), dim=-1)
-    text_out = ref.qformer(query_embeds=ref.embeddings(input_ids=ids), query_length=0, attention_mask=mask)
-    text_feat = F.normalize(ref.text_projection(text_out.last_hidden_state[:, 0, :]), dim=-1)
-    sim_i2t = (image_feats.unsqueeze(1) @ text_feat.unsqueeze(-1)).squeeze(-1).max(-1)[0] / self.temp
-    sim_t2i = (text_feat.unsqueeze(1).unsqueeze(1) @ image_feats.permute(0, 2, 1)).squeeze(2).max(-1)[0] / self.temp
-    targets = torch.arange(b)
-    loss_itc = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) +
-                F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
-    if neg_img is None:  # LAVIS: one negative per row from softmax(sim), positives masked
-      with torch.no_grad():
-        w_t2i = F.softmax(sim_t2i.masked_fill(torch.eye(b, dtype=torch.bool), -10000), dim=1)
-        w_i2t = F.softmax(sim_i2t.masked_fill(torch.eye(b, dtype=torch.bool), -10000), dim=1)
-        neg_img = torch.multinomial(w_t2i, 1)[:, 0]
-        neg_txt = torch.multinomial(w_i2t, 1)[:, 0]
-    ids_all = torch.cat([ids, ids, ids[neg_txt]])
-    atts_all = torch.cat([mask, mask, mask[neg_txt]])
-    img_all = torch.cat([image_embeds, image_embeds[neg_img], image_embeds])
-    q3 = ref.query_tokens.expand(3 * b, -1, -1)
-    itm = ref.qformer(query_embeds=ref.embeddings(input_ids=ids_all, query_embeds=q3), query_length=nq,
-                      attention_mask=torch.cat([torch.ones(3 * b, nq, dtype=torch.long), atts_all], 1),
-                      encoder_hidden_states=img_all).last_hidden_state
-    itm_logits = ref.itm_head(itm[:, :nq]).mean(1)
-    loss_itm = F.cross_entropy(itm_logits, torch.cat([torch.ones(b, dtype=torch.long),
-                                                      torch.zeros(2 * b, dtype=torch.long)]))
-    dec = ids.clone()
-    dec[:, 0] = DEC
-    labels = dec.masked_fill(ids == 0, -100)
-    t = ids.shape[1]
-    allowed = torch.zeros(nq + t, nq + t)
-    allowed[:, :nq] = 1
-    allowed[nq:, nq:] = torch.tril(torch.ones(t, t))
-    allowed = allowed[None] * torch.cat([torch.ones(b, nq), mask.float()], 1)[:, None, :]
-    hidden = ref.qformer(query_embeds=ref.embeddings(input_ids=dec, query_embeds=q), query_length=nq,
-                         attention_mask=((1.0 - allowed[:, None]) * -10000.0),
-                         encoder_hidden_states=image_embeds).last_hidden_state
-    lm = self.lm_logits(hidden[:, nq:])
-    loss_lm = F.cross_entropy(lm[:, :-1].reshape(-1, lm.shape[-1]), labels[:, 1:].reshape(-1), label_smoothing=0.1)
-    return loss_itc + loss_itm + loss_lm, (neg_img, neg_txt)
+    out = blip2_ref.stage1_losses(ref, image_embeds, ids, mask, self.temp, DEC, self.lm_logits, neg_img, neg_txt)
+    return out["loss_itc"] + out["loss_itm"] + out["loss_lm"], (out["neg_img"], out["neg_txt"])
 
 
 def lavis_state(model: TorchStage1) -> dict:
   """The PyTorch weights under LAVIS Blip2Qformer names (what blip2_pretrained.pth holds)."""
-  out = {}
-  for k, v in model.ref.state_dict().items():
-    v = v.detach().clone()
-    if k.startswith("vision_model."):
-      k2 = (k.replace("vision_model.embeddings.class_embedding", "visual_encoder.cls_token")
-            .replace("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed")
-            .replace("vision_model.embeddings.patch_embedding", "visual_encoder.patch_embed.proj")
-            .replace("vision_model.post_layernorm", "ln_vision")
-            .replace("vision_model.encoder.layers.", "visual_encoder.blocks.")
-            .replace("self_attn.projection", "attn.proj").replace("layer_norm1", "norm1").replace("layer_norm2", "norm2"))
-      if k2.endswith("self_attn.qkv.bias"):
-        w = v.shape[0] // 3
-        base = k2[:-len("self_attn.qkv.bias")]
-        out[base + "attn.q_bias"], out[base + "attn.v_bias"] = v[:w], v[2 * w:]
-        continue
-      out[k2.replace("self_attn.qkv", "attn.qkv")] = v
-    elif k.startswith("qformer."):
-      k2 = "Qformer.bert." + k[len("qformer."):]
-      k2 = k2.replace("Qformer.bert.layernorm", "Qformer.bert.embeddings.LayerNorm")
-      out[k2.replace(".attention.attention.", ".attention.self.").replace(".crossattention.attention.",
-                                                                          ".crossattention.self.")] = v
-    elif k.startswith("embeddings."):
-      out["Qformer.bert." + k] = v
-    else:
-      out[k.replace("vision_projection", "vision_proj").replace("text_projection", "text_proj")] = v
+  out = blip2_ref.lavis_names(model.ref.state_dict())
   p = "Qformer.cls.predictions."
   out[p + "transform.dense.weight"] = model.transform.weight.detach().clone()
   out[p + "transform.dense.bias"] = model.transform.bias.detach().clone()
@@ -219,7 +158,7 @@ def bench_stage1(a, extra):
     task.model = blip2_lib.Blip2Qformer(conv.config)
     t0 = time.perf_counter()
     trainer = Trainer(config, wd, task=task)
-    trained, frozen = optim_lib.split(jax.tree.map(jnp.asarray, conv.params), trainer.mask)
+    trained, frozen = partition.split(jax.tree.map(jnp.asarray, conv.params), trainer.mask)
     state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trained, frozen=frozen,
                        opt_state=trainer.tx.init(trained), rng=jax.random.PRNGKey(1))
     state = jax.device_put(state, trainer.state_sharding)

@@ -74,9 +74,10 @@ from jaxlisa.data.preprocess import clip_preprocess, sam_preprocess, sam_preproc
 from jaxlisa.inference import segment as seg_lib  # noqa: E402
 from jaxlisa.models import lisa as lisa_lib  # noqa: E402
 from jaxlisa.tasks import lisa as lisa_task  # noqa: E402
-from jaxlisa.training import optimizer as optim_lib  # noqa: E402
+from jaxlisa.training import partition  # noqa: E402
 from jaxlisa.training.train_state import TrainState  # noqa: E402
 from jaxlisa.training.trainer import Trainer  # noqa: E402
+from torch_refs import lisa as lisa_ref  # noqa: E402
 
 ORIG = [(480, 640), (600, 450)]  # original (H, W) of the two training images
 SEG_IMG = (480, 640)  # the inference image
@@ -146,10 +147,7 @@ def build_reference(a):
 def official_state(ref):
   """The merge script's saved state dict (no vision_tower; CLIP lives in its own directory)."""
   state = {k: v for k, v in ref["llama"].state_dict().items() if not k.startswith("lisa_")}
-  state["model.mm_projector.weight"] = ref["projector"].weight
-  state["model.mm_projector.bias"] = ref["projector"].bias
-  state.update({"model.visual_model." + k: v for k, v in ref["sam"].state_dict().items()})
-  state.update({"model.text_hidden_fcs." + k: v for k, v in ref["fcs"].state_dict().items()})
+  state.update(lisa_ref.parts_state(ref))
   return {k: v.detach().numpy().copy() for k, v in state.items()}
 
 
@@ -188,20 +186,6 @@ def ref_merge(embed_tokens, input_ids, attention_mask, labels, image_features):
     pad = torch.ones((attention_mask.shape[0], embeds.shape[1] - input_ids.shape[1]), dtype=attention_mask.dtype)
     attention_mask = torch.cat([pad, attention_mask], 1)
   return embeds, labels, attention_mask
-
-
-def dice_loss(inputs, targets, num_masks, scale=1000, eps=1e-6):
-  inputs = inputs.sigmoid().flatten(1, 2)
-  targets = targets.flatten(1, 2)
-  numerator = 2 * (inputs / scale * targets).sum(-1)
-  denominator = (inputs / scale).sum(-1) + (targets / scale).sum(-1)
-  loss = 1 - (numerator + eps) / (denominator + eps)
-  return loss.sum() / (num_masks + 1e-8)
-
-
-def sigmoid_ce_loss(inputs, targets, num_masks):
-  loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-  return loss.flatten(1, 2).mean(1).sum() / (num_masks + 1e-8)
 
 
 def decode_masks(sam, pred_embeddings, image_embeddings, resize_list, sizes):
@@ -247,12 +231,7 @@ def model_forward(ref, seg, images, images_clip, input_ids, labels, attention_ma
   pred_embeddings = [pred_embeddings[seg_token_offset[i]:seg_token_offset[i + 1]]
                      for i in range(len(seg_token_offset) - 1)]
   pred_masks = decode_masks(sam, pred_embeddings, image_embeddings, resize_list, [lb.shape for lb in label_list])
-  bce, dice, num_masks = 0, 0, 0
-  for gt_mask, pred_mask in zip(masks_list, pred_masks):
-    assert gt_mask.shape[0] == pred_mask.shape[0]
-    bce = bce + sigmoid_ce_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
-    dice = dice + dice_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
-    num_masks += gt_mask.shape[0]
+  bce, dice, num_masks = lisa_ref.mask_losses(pred_masks, masks_list)
   bce = 2.0 * bce / (num_masks + 1e-8)
   dice = 0.5 * dice / (num_masks + 1e-8)
   return ce_loss * 1.0 + bce + dice
@@ -393,7 +372,7 @@ def bench_train(ref, conv, a, config, task, workdir, extra):
   t0 = time.perf_counter()
   trainer = Trainer(config, workdir, task=task)
   # the state init_state + load_params would give, without compiling a random init first
-  trained, frozen = optim_lib.split(jax.tree.map(jnp.asarray, conv.params), trainer.mask)
+  trained, frozen = partition.split(jax.tree.map(jnp.asarray, conv.params), trainer.mask)
   state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trained, frozen=frozen,
                      opt_state=trainer.tx.init(trained), rng=jax.random.split(trainer.rng)[1])
   state = jax.device_put(state, trainer.state_sharding)

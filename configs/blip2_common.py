@@ -8,15 +8,16 @@ min_lr 1e-5, ViT frozen (`freeze_vit`), images 224 px, 32 queries, max_txt_len 3
 import ml_collections
 
 from configs import common
+from jaxlisa.models.eva import EVAViTConfig
 
 # LAVIS freeze_vit: every ViT parameter but ln_vision (a separate module in LAVIS, trained).
 FROZEN_VIT = (r"visual_encoder/(?!ln_vision/).*",)
 
 
 def eva_vit_g(image_size: int = 224) -> dict:
-  """LAVIS create_eva_vit_g (jaxlisa.models.eva.EVAViTConfig.eva_vit_g)."""
-  return dict(image_size=image_size, patch_size=14, hidden_size=1408, num_hidden_layers=39, num_attention_heads=16,
-              mlp_dim=6144, layer_norm_eps=1e-6, ln_vision_eps=1e-5)
+  """LAVIS create_eva_vit_g: the sizes of jaxlisa.models.eva.EVAViTConfig.eva_vit_g."""
+  return common.preset_fields(EVAViTConfig.eva_vit_g(image_size), "image_size patch_size hidden_size "
+                              "num_hidden_layers num_attention_heads mlp_dim layer_norm_eps ln_vision_eps")
 
 
 def bert_base_qformer(**kw) -> dict:

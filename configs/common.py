@@ -1,5 +1,7 @@
 """Shared config pieces: mesh, logical axis rules, trainer defaults (big_vision `configs/common.py`)."""
 
+import dataclasses
+
 import ml_collections
 
 # MaxText vocabulary -> mesh axes ('data', 'fsdp', 'tensor'). Flax semantics: for each array dim the
@@ -75,3 +77,10 @@ def trainer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.mesh = mesh()
   config.logical_axis_rules = LOGICAL_AXIS_RULES
   return config
+
+
+def preset_fields(preset, names: str | None = None) -> dict:
+  """The fields of a model-config preset (`jaxlisa.models`' classmethods / functions, where a
+  family's sizes are written once) as a plain dict: `names` (space separated) picks some."""
+  d = {f.name: getattr(preset, f.name) for f in dataclasses.fields(preset)}
+  return d if names is None else {k: d[k] for k in names.split()}

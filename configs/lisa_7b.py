@@ -12,7 +12,9 @@ Batch: 2 images per device x 8 devices x 10 microbatches = 160 images per optimi
 `:variant=13b` gives the LLaMA-2-13B-chat variant (configs/lisa_13b.py).
 """
 
+from configs import common
 from configs import lisa_common
+from jaxlisa.models.clip import CLIPVisionConfig
 from jaxlisa.config import parse_arg
 
 LLM = {
@@ -28,8 +30,9 @@ def get_config(arg=None):
   text = dict(LLM[arg.variant], bos_token_id=1, eos_token_id=2, pad_token_id=0, lora_rank=8, lora_alpha=16.0,
               lora_dropout=0.05, lora_targets=("q_proj", "v_proj"), dtype="bfloat16", param_dtype="float32",
               scan_layers=True, remat_policy="full", attention_impl="xla")
-  vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                image_size=224, patch_size=14, dtype="bfloat16", param_dtype="float32", remat_policy="full")
+  vision = dict(common.preset_fields(CLIPVisionConfig.vit_l14(224), "hidden_size intermediate_size "
+                                     "num_hidden_layers num_attention_heads image_size patch_size"),
+                dtype="bfloat16", param_dtype="float32", remat_policy="full")
   sam = dict(lisa_common.sam_vit_h(), dtype="bfloat16", param_dtype="float32", remat_policy="none")
   config = lisa_common.lisa_config(text, vision, sam, out_dim=256)
   config.total_steps = 5000

@@ -3,6 +3,7 @@
 import ml_collections
 
 from configs import common
+from jaxlisa.models import sam as sam_lib
 
 # The official trainable set: LoRA on q/v, full lm_head, embed_tokens, mask decoder, text_hidden_fcs.
 OFFICIAL_TRAINABLE = (r".*/lora_[ab]", r"llava/language_model/lm_head/.*", r"llava/language_model/embed_tokens/.*",
@@ -10,8 +11,9 @@ OFFICIAL_TRAINABLE = (r".*/lora_[ab]", r"llava/language_model/lm_head/.*", r"lla
 
 
 def sam_vit_h() -> dict:
-  return dict(img_size=1024, patch_size=16, embed_dim=1280, depth=32, num_heads=16, window_size=14,
-              global_attn_indexes=(7, 15, 23, 31), out_chans=256, prompt_embed_dim=256)
+  """SAM ViT-H: the sizes of jaxlisa.models.sam.vit_h."""
+  return common.preset_fields(sam_lib.vit_h(), "img_size patch_size embed_dim depth num_heads window_size "
+                              "global_attn_indexes out_chans prompt_embed_dim")
 
 
 def lisa_config(text: dict, vision: dict, sam: dict, out_dim: int = 256) -> ml_collections.ConfigDict:

@@ -1,4 +1,4 @@
-"""Tiny LLaMA-family LM trained from scratch on the synthetic shapes corpus (jaxlisa/data/text.py).
+"""Tiny LLaMA-family LM trained from scratch on the synthetic shapes corpus (jaxlisa/data/synthetic_text.py).
 
 The project's default job; it learns visibly in about a minute on 2 CPU cores.
 

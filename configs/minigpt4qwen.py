@@ -11,14 +11,17 @@ or continue from a MiniGPT4-Qwen checkpoint with --config.init.pretrained=PATH.
 """
 
 from configs import blip2_common
+from configs import common
+from jaxlisa.models.llm import DecoderConfig
 from jaxlisa.config import parse_arg
 
 
 def get_config(arg=None):
   arg = parse_arg(arg, batch_size=16)
-  llm = dict(family="qwen", vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-             num_attention_heads=32, max_position_embeddings=8192, norm_eps=1e-6, attention_bias=True,
-             bos_token_id=None, eos_token_id=151643, pad_token_id=151643, dtype="bfloat16", remat_policy="full")
+  llm = dict(common.preset_fields(DecoderConfig.qwen_7b(), "family vocab_size hidden_size intermediate_size "
+                                  "num_hidden_layers num_attention_heads max_position_embeddings norm_eps "
+                                  "attention_bias bos_token_id eos_token_id pad_token_id"),
+             dtype="bfloat16", remat_policy="full")
   config = blip2_common.minigpt4qwen_config(blip2_common.eva_vit_g(224), blip2_common.bert_base_qformer(), llm,
                                             max_txt_len=512)
   config.model.vision.update(dtype="bfloat16")

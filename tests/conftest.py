@@ -1,6 +1,7 @@
 """Test-wide settings: CPU, fp32 matmuls at highest precision, a stub torchvision for
 segment-anything, and small helpers shared by the parity tests."""
 
+import json
 import os
 import sys
 import tempfile
@@ -87,6 +88,28 @@ def max_abs_diff(a, b, mask=None) -> float:
   if mask is not None:
     d = d[np.asarray(mask, bool)]
   return float(d.max()) if d.size else 0.0
+
+
+def assert_trees_equal(a, b):
+  """Two param trees with the same paths and bit-identical leaves."""
+  fa = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(a)}
+  fb = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(b)}
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+
+
+def write_checkpoint_dir(d, state: dict, config: dict | None = None, files: dict | None = None) -> str:
+  """A HF-style checkpoint directory: model.safetensors from `state` ({name: numpy or torch
+  array}), config.json from `config` when given, and other JSON files ({file name: object})."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  os.makedirs(d, exist_ok=True)
+  save_file({k: np.ascontiguousarray(v.detach().numpy() if hasattr(v, "detach") else np.asarray(v))
+             for k, v in state.items()}, os.path.join(d, "model.safetensors"))
+  for name, obj in {**({"config.json": config} if config is not None else {}), **(files or {})}.items():
+    with open(os.path.join(d, name), "w") as f:
+      json.dump(obj, f)
+  return str(d)
 
 
 def run_main_then_resume(spec: str, workdir, stop_after: int):

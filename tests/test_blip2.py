@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import transformers as tf
 
 from conftest import max_abs_diff
+from torch_refs import blip2 as blip2_ref
 from jaxlisa.conversion import families
 from jaxlisa.conversion.checkpoint_io import open_checkpoint
 from jaxlisa.conversion.convert import convert_checkpoint
@@ -243,35 +244,8 @@ def test_retrieval_itm_and_itc_match_hf(ret_pair):
 def _lavis_state(ref, seed=3):
   """The retrieval model's weights under LAVIS names, plus a random LM head and temp (a stage-1 .pth)."""
   g = torch.Generator().manual_seed(seed)
-  sd = {k: v.clone() for k, v in ref.state_dict().items()}
-  out = {}
-  for k, v in sd.items():
-    if k.startswith("vision_model."):
-      k2 = k.replace("vision_model.embeddings.class_embedding", "visual_encoder.cls_token")
-      k2 = k2.replace("vision_model.embeddings.position_embedding", "visual_encoder.pos_embed")
-      k2 = k2.replace("vision_model.embeddings.patch_embedding", "visual_encoder.patch_embed.proj")
-      k2 = k2.replace("vision_model.post_layernorm", "ln_vision")
-      k2 = k2.replace("vision_model.encoder.layers.", "visual_encoder.blocks.")
-      k2 = k2.replace("self_attn.projection", "attn.proj").replace("layer_norm1", "norm1")
-      k2 = k2.replace("layer_norm2", "norm2")
-      if k2.endswith("self_attn.qkv.bias"):
-        w = v.shape[0] // 3
-        base = k2[:-len("self_attn.qkv.bias")]
-        out[base + "attn.q_bias"], out[base + "attn.v_bias"] = v[:w], v[2 * w:]
-        continue
-      out[k2.replace("self_attn.qkv", "attn.qkv")] = v
-    elif k.startswith("qformer."):
-      k2 = "Qformer.bert." + k[len("qformer."):]
-      k2 = k2.replace("Qformer.bert.layernorm", "Qformer.bert.embeddings.LayerNorm")
-      out[k2.replace(".attention.attention.", ".attention.self.").replace(".crossattention.attention.",
-                                                                          ".crossattention.self.")] = v
-    elif k.startswith("embeddings."):
-      out["Qformer.bert." + k] = v
-    elif k.startswith("language_model."):
-      out["opt_model." + k[len("language_model."):]] = v
-    else:
-      out[k.replace("vision_projection", "vision_proj").replace("text_projection", "text_proj")
-          .replace("language_projection", "opt_proj")] = v
+  sd = ref.state_dict()
+  out = blip2_ref.lavis_names(sd)
   if "opt_proj.weight" in out:
     return out
   d = sd["qformer.layernorm.weight"].shape[0]
@@ -306,44 +280,16 @@ def lavis_stage1(ret_pair, tmp_path_factory):
 
 def _torch_stage1(ref, state, x, ids, mask, neg_img, neg_txt, temp, bos):
   """LAVIS Blip2Qformer.forward (one device), on HF modules; the given hard negatives."""
-  b = x.shape[0]
   image_embeds = ref.vision_model(pixel_values=x).last_hidden_state
-  q = ref.query_tokens.expand(b, -1, -1)
-  query_out = ref.qformer(query_embeds=q, encoder_hidden_states=image_embeds).last_hidden_state
-  image_feats = F.normalize(ref.vision_projection(query_out), dim=-1)
-  text_out = ref.qformer(query_embeds=ref.embeddings(input_ids=ids), query_length=0, attention_mask=mask)
-  text_feat = F.normalize(ref.text_projection(text_out.last_hidden_state[:, 0, :]), dim=-1)
-  sim_i2t = torch.matmul(image_feats.unsqueeze(1), text_feat.unsqueeze(-1)).squeeze(-1).max(-1)[0] / temp
-  sim_t2i = torch.matmul(text_feat.unsqueeze(1).unsqueeze(1), image_feats.permute(0, 2, 1)).squeeze(2).max(-1)[0] / temp
-  targets = torch.arange(b)
-  loss_itc = (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1) +
-              F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
-  ids_all = torch.cat([ids, ids, ids[neg_txt]])
-  atts_all = torch.cat([mask, mask, mask[neg_txt]])
-  img_all = torch.cat([image_embeds, image_embeds[neg_img], image_embeds])
-  q3 = ref.query_tokens.expand(3 * b, -1, -1)
-  itm = ref.qformer(query_embeds=ref.embeddings(input_ids=ids_all, query_embeds=q3), query_length=NQ,
-                    attention_mask=torch.cat([torch.ones(3 * b, NQ, dtype=torch.long), atts_all], 1),
-                    encoder_hidden_states=img_all).last_hidden_state
-  logits = ref.itm_head(itm[:, :NQ]).mean(1)
-  loss_itm = F.cross_entropy(logits, torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]))
-  dec = ids.clone()
-  dec[:, 0] = bos
-  labels = dec.masked_fill(ids == 0, -100)
-  t = ids.shape[1]
-  allowed = torch.zeros(NQ + t, NQ + t)
-  allowed[:, :NQ] = 1
-  allowed[NQ:, NQ:] = torch.tril(torch.ones(t, t))
-  allowed = allowed[None] * torch.cat([torch.ones(b, NQ), mask.float()], 1)[:, None, :]
-  hidden = ref.qformer(query_embeds=ref.embeddings(input_ids=dec, query_embeds=q), query_length=NQ,
-                       attention_mask=((1.0 - allowed[:, None]) * -10000.0), encoder_hidden_states=image_embeds)
   p = "Qformer.cls.predictions."
-  h = F.linear(hidden.last_hidden_state[:, NQ:], state[p + "transform.dense.weight"], state[p + "transform.dense.bias"])
-  h = F.layer_norm(F.gelu(h), (h.shape[-1],), state[p + "transform.LayerNorm.weight"],
-                   state[p + "transform.LayerNorm.bias"], eps=1e-12)
-  lm_logits = h @ state[p + "decoder.weight"].T + state[p + "bias"]
-  loss_lm = F.cross_entropy(lm_logits[:, :-1].reshape(-1, QV), labels[:, 1:].reshape(-1), label_smoothing=0.1)
-  return dict(loss_itc=loss_itc, loss_itm=loss_itm, loss_lm=loss_lm, sim_i2t=sim_i2t, sim_t2i=sim_t2i, itm=logits)
+
+  def lm_logits(hidden):
+    h = F.linear(hidden, state[p + "transform.dense.weight"], state[p + "transform.dense.bias"])
+    h = F.layer_norm(F.gelu(h), (h.shape[-1],), state[p + "transform.LayerNorm.weight"],
+                     state[p + "transform.LayerNorm.bias"], eps=1e-12)
+    return h @ state[p + "decoder.weight"].T + state[p + "bias"]
+
+  return blip2_ref.stage1_losses(ref, image_embeds, ids, mask, temp, bos, lm_logits, neg_img, neg_txt)
 
 
 @pytest.fixture(scope="module")

@@ -157,15 +157,15 @@ def test_released_size_config_trains_the_qformer_only():
   import flax.linen as nn  # pylint: disable=import-outside-toplevel
   from jaxlisa.models import blip2 as B  # pylint: disable=import-outside-toplevel
   from jaxlisa.tasks.blip2 import _touch_params  # pylint: disable=import-outside-toplevel
-  from jaxlisa.training import optimizer as optim_lib  # pylint: disable=import-outside-toplevel
+  from jaxlisa.training import partition  # pylint: disable=import-outside-toplevel
   c = cfg_lib.load_config(os.path.join(ROOT, "configs", "blip2_stage1.py"))
   d = c.model.to_dict()
   mc = B.Blip2Config.from_dict({**d, "qformer": {**d["qformer"], "vocab_size": 30523, "encoder_hidden_size": 1408}})
   m = B.Blip2Qformer(mc)
   shapes = nn.meta.unbox(jax.eval_shape(lambda r: m.init(r, B.dummy_inputs(mc)[0], method=_touch_params),
                                         jax.random.PRNGKey(0))["params"])
-  trained, frozen = optim_lib.split(shapes, optim_lib.trainable_mask(shapes, tuple(c.trainable), tuple(c.frozen)))
+  trained, frozen = partition.split(shapes, partition.trainable_mask(shapes, tuple(c.trainable), tuple(c.frozen)))
   assert list(trained["visual_encoder"]) == ["ln_vision"] and "ln_vision" not in frozen["visual_encoder"]
-  assert 183e6 < optim_lib.count_params(trained) < 193e6
-  assert 0.95e9 < optim_lib.count_params(frozen) < 1.05e9
+  assert 183e6 < partition.count_params(trained) < 193e6
+  assert 0.95e9 < partition.count_params(frozen) < 1.05e9
   assert c.optim.weight_decay == 0.05 and c.optim.b2 == 0.999 and c.model.qformer.num_query_tokens == 32

@@ -101,3 +101,16 @@ def test_main_rejects_unknown_config_arg(tmp_path):
   r = _main("--config", "configs/lm_tiny.py:runlokal", "--workdir", str(tmp_path / "w"))
   assert r.returncode == 2
   assert "unknown config arg 'runlokal'; did you mean runlocal" in r.stderr
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("attention_impl", "splash", "splash attention is not wired in"),
+    ("remat_policy", "minimal", "now called 'save_dots_no_batch_dims'"),
+    ("remat_policy", "bogus", "unknown remat_policy"),
+])
+def test_model_configs_refuse_unknown_attention_and_remat(field, value, match):
+  from jaxlisa.models import clip, llm, sam  # pylint: disable=import-outside-toplevel
+  for config_cls in (clip.CLIPVisionConfig, llm.DecoderConfig, sam.SamConfig):
+    with pytest.raises(ValueError, match=match):
+      config_cls(**{field: value})
+  assert llm.DecoderConfig(remat_policy="save_dots_no_batch_dims").remat_policy == "save_dots_no_batch_dims"

@@ -22,12 +22,11 @@ import numpy as np
 import pytest
 
 import conftest
-from conftest import max_abs_diff
+from conftest import assert_trees_equal, max_abs_diff, write_checkpoint_dir
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 import transformers as tf  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
 
 conftest.stub_torchvision()
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer  # noqa: E402,E501
@@ -37,11 +36,11 @@ from jaxlisa.conversion import families  # noqa: E402
 from jaxlisa.conversion import loaders  # noqa: E402
 from jaxlisa.conversion.checkpoint_io import CheckpointError  # noqa: E402
 from jaxlisa.conversion.convert import export_checkpoint, load_pretrained, save_converted  # noqa: E402
-from jaxlisa.conversion.keymap import flatten_tree  # noqa: E402
 from jaxlisa.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from jaxlisa.data.tokenization import expand_image_tokens  # noqa: E402
 from jaxlisa.models import lisa as lisa_lib  # noqa: E402
 from jaxlisa.training import losses  # noqa: E402
+from torch_refs import lisa as lisa_ref  # noqa: E402
 
 V, D, IM_START, IM_END, SEG = 100, 64, 97, 98, 99
 CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
@@ -101,10 +100,7 @@ def official_state(ref) -> dict[str, torch.Tensor]:
   for i in range(TEXT["num_hidden_layers"]):  # persistent in transformers 4.31, skipped by the converter
     state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = 1.0 / (
         10000 ** (torch.arange(0, 16, 2).float() / 16))
-  state["model.mm_projector.weight"] = ref["projector"].weight
-  state["model.mm_projector.bias"] = ref["projector"].bias
-  state.update({"model.visual_model." + k: v for k, v in ref["sam"].state_dict().items()})
-  state.update({"model.text_hidden_fcs." + k: v for k, v in ref["fcs"].state_dict().items()})
+  state.update(lisa_ref.parts_state(ref))
   return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
@@ -146,20 +142,6 @@ def ref_prepare_inputs_labels(embed_tokens, input_ids, attention_mask, labels, i
   return embeds, new_labels, torch.cat([pad_left, attention_mask], 1)
 
 
-def ref_dice_loss(inputs, targets, num_masks, scale=1000, eps=1e-6):
-  inputs = inputs.sigmoid().flatten(1, 2)
-  targets = targets.flatten(1, 2)
-  numerator = 2 * (inputs / scale * targets).sum(-1)
-  denominator = (inputs / scale).sum(-1) + (targets / scale).sum(-1)
-  loss = 1 - (numerator + eps) / (denominator + eps)
-  return loss.sum() / (num_masks + 1e-8)
-
-
-def ref_sigmoid_ce_loss(inputs, targets, num_masks):
-  loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-  return loss.flatten(1, 2).mean(1).sum() / (num_masks + 1e-8)
-
-
 def ref_model_forward(ref, images, images_clip, input_ids, labels, attention_masks, offset, masks_list,
                       label_list, resize_list):
   """LISA's model_forward (training branch), transcribed."""
@@ -198,12 +180,7 @@ def ref_model_forward(ref, images, images_clip, input_ids, labels, attention_mas
                                   multimask_output=False)
     pred = sam.postprocess_masks(low_res.float(), input_size=resize_list[i], original_size=label_list[i].shape)
     pred_masks.append(pred[:, 0])
-  bce, dice, num_masks = 0, 0, 0
-  for gt_mask, pred_mask in zip(masks_list, pred_masks):
-    assert gt_mask.shape[0] == pred_mask.shape[0]
-    bce = bce + ref_sigmoid_ce_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
-    dice = dice + ref_dice_loss(pred_mask, gt_mask, num_masks=gt_mask.shape[0]) * gt_mask.shape[0]
-    num_masks += gt_mask.shape[0]
+  bce, dice, num_masks = lisa_ref.mask_losses(pred_masks, masks_list)
   ce = ce_loss * WEIGHTS["ce"]
   bce = WEIGHTS["bce"] * bce / (num_masks + 1e-8)
   dice = WEIGHTS["dice"] * dice / (num_masks + 1e-8)
@@ -212,14 +189,8 @@ def ref_model_forward(ref, images, images_clip, input_ids, labels, attention_mas
 
 # ----------------------------------------------------------------------------- files
 def _write_dir(d, state, config, added_tokens=True):
-  os.makedirs(d, exist_ok=True)
-  save_file({k: np.ascontiguousarray(_np(v)) for k, v in state.items()}, os.path.join(d, "model.safetensors"))
-  with open(os.path.join(d, "config.json"), "w") as f:
-    json.dump(config, f)
-  if added_tokens:
-    with open(os.path.join(d, "added_tokens.json"), "w") as f:
-      json.dump({"<im_start>": IM_START, "<im_end>": IM_END, "[SEG]": SEG}, f)
-  return str(d)
+  tokens = {"added_tokens.json": {"<im_start>": IM_START, "<im_end>": IM_END, "[SEG]": SEG}} if added_tokens else {}
+  return write_checkpoint_dir(d, state, config, tokens)
 
 
 def _lisa_config_json(vision_tower):
@@ -230,13 +201,6 @@ def _lisa_config_json(vision_tower):
           "image_aspect_ratio": "square", "out_dim": C, "train_mask_decoder": True, "use_cache": False,
           "tune_mm_mlp_adapter": False, "freeze_mm_mlp_adapter": True, "initializer_range": 0.02,
           "torch_dtype": "float32", "transformers_version": "4.31.0"}
-
-
-def _trees_equal(a, b):
-  fa, fb = flatten_tree(a), flatten_tree(b)
-  assert fa.keys() == fb.keys()
-  for k in fa:
-    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg="/".join(k))
 
 
 @pytest.fixture(scope="module")
@@ -528,16 +492,16 @@ def test_sharded_bin_and_load_pretrained(files, converted, tmp_path):
     json.dump(_lisa_config_json("openai/clip-vit-large-patch14"), f)
   sharded = lisa_conv.convert_lisa(str(d), clip_src=files["clip"], seg_token_idx=SEG)
   assert sharded.config == converted.config
-  _trees_equal(sharded.params, converted.params)
+  assert_trees_equal(sharded.params, converted.params)
 
   loaded = load_pretrained(files["auto"])
   assert loaded.family == "lisa" and loaded.config == converted.config
   assert isinstance(loaded.module, lisa_lib.Lisa)
-  _trees_equal(loaded.params, converted.params)
+  assert_trees_equal(loaded.params, converted.params)
   out = save_converted(str(tmp_path / "converted"), converted, source_dir=files["official"])
   again = load_pretrained(out)
   assert again.family == "lisa" and again.config == converted.config
-  _trees_equal(again.params, converted.params)
+  assert_trees_equal(again.params, converted.params)
 
 
 def test_missing_clip_and_seg_token_errors(files, tmp_path):
@@ -570,7 +534,7 @@ def test_export_round_trip_bit_exact(files, converted):
   cls = inside.params["llava"]["vision_tower"]["embeddings"]["class_embedding"]
   np.testing.assert_array_equal(cls, full[cls_key])
   # a CLIP directory passed explicitly replaces the tower inside
-  _trees_equal(lisa_conv.convert_lisa(pre, clip_src=files["clip"]).params, converted.params)
+  assert_trees_equal(lisa_conv.convert_lisa(pre, clip_src=files["clip"]).params, converted.params)
 
 
 def test_mlp2x_projector_names(files, converted, tmp_path):
@@ -675,8 +639,8 @@ def test_compose_lisa_from_original_llava(parts, files, converted, tmp_path):
   config, params, tok = loaders.compose_lisa(d, parts["clip"], parts["sam"], tok)
   assert config.llava.mm_use_im_start_end and config.llava.text.vocab_size == n_tok + 3
   want = converted.params["llava"]
-  _trees_equal(params["llava"]["multi_modal_projector"], want["multi_modal_projector"])
-  _trees_equal(params["llava"]["vision_tower"], want["vision_tower"])
+  assert_trees_equal(params["llava"]["multi_modal_projector"], want["multi_modal_projector"])
+  assert_trees_equal(params["llava"]["vision_tower"], want["vision_tower"])
   np.testing.assert_array_equal(params["llava"]["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"],
                                 want["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"])
   np.testing.assert_array_equal(params["llava"]["language_model"]["embed_tokens"]["embedding"][:n_tok],

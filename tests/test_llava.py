@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 import torch
 import transformers as tf
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
-from conftest import max_abs_diff
+from conftest import assert_trees_equal, max_abs_diff, write_checkpoint_dir
 from jaxlisa.conversion import families
 from jaxlisa.conversion import llava as llava_conv
 from jaxlisa.conversion import loaders
 from jaxlisa.conversion.checkpoint_io import CheckpointError
 from jaxlisa.conversion.convert import convert_checkpoint, export_checkpoint, load_pretrained, save_converted
-from jaxlisa.conversion.keymap import flatten_tree
 from jaxlisa.data.conversation import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from jaxlisa.data import llava_collate
 from jaxlisa.models import llava
@@ -49,22 +48,6 @@ def _perturb(model, seed=1):
 
 def _nchw(x):
   return torch.tensor(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
-
-
-def _write(d, state, config):
-  os.makedirs(d, exist_ok=True)
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, os.path.join(d, "model.safetensors"))
-  if config is not None:
-    with open(os.path.join(d, "config.json"), "w") as f:
-      json.dump(config, f)
-  return str(d)
-
-
-def _trees_equal(a, b):
-  fa, fb = flatten_tree(a), flatten_tree(b)
-  assert fa.keys() == fb.keys()
-  for k in fa:
-    np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg="/".join(k))
 
 
 @pytest.fixture(scope="module")
@@ -210,9 +193,9 @@ def test_hf_key_schemes_and_export(hf, converted, tmp_path):
   v4 = {k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k: v
         for k, v in on_disk.items()}
   for name, state in (("memory", in_memory), ("v4", v4)):
-    conv = convert_checkpoint(_write(tmp_path / name, state, cfg))
+    conv = convert_checkpoint(write_checkpoint_dir(tmp_path / name, state, cfg))
     assert conv.family == "llava_hf"
-    _trees_equal(conv.params, converted.params)
+    assert_trees_equal(conv.params, converted.params)
   exported = export_checkpoint(converted.params, "llava_hf", converted.config, None)
   assert exported.keys() == on_disk.keys()
   for k in on_disk:
@@ -224,7 +207,7 @@ def test_save_and_load_converted(converted, tmp_path):
   loaded = load_pretrained(dst)
   assert loaded.family == "llava_hf" and loaded.config == converted.config
   assert isinstance(loaded.module, llava.Llava)
-  _trees_equal(loaded.params, converted.params)
+  assert_trees_equal(loaded.params, converted.params)
 
 
 # ----------------------------------------------------------------------------- original LLaVA
@@ -260,10 +243,10 @@ def original(hf, tmp_path_factory):
          "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
          "mm_use_im_start_end": False, "image_aspect_ratio": "pad", "tokenizer_model_max_length": 20}
   names = _original_names(load_file(os.path.join(d, "model.safetensors")))
-  inside = _write(root / "inside", names, cfg)
+  inside = write_checkpoint_dir(root / "inside", names, cfg)
   no_tower = {k: v for k, v in names.items() if "vision_tower" not in k}
-  separate = _write(root / "separate", no_tower, {**cfg, "mm_vision_tower": "openai/not-here"})
-  return dict(inside=inside, separate=separate, clip=clip_dir, auto=_write(root / "auto", no_tower, cfg))
+  separate = write_checkpoint_dir(root / "separate", no_tower, {**cfg, "mm_vision_tower": "openai/not-here"})
+  return dict(inside=inside, separate=separate, clip=clip_dir, auto=write_checkpoint_dir(root / "auto", no_tower, cfg))
 
 
 @pytest.fixture(scope="module")
@@ -278,10 +261,10 @@ def test_original_converter(original, converted, converted_original):
   assert c.image_token_index == IMAGE_TOKEN_INDEX and c.image_aspect_ratio == "pad"
   assert c.vision == converted.config.vision and c.text == converted.config.text
   assert c.tokenizer_model_max_length == 20
-  _trees_equal(conv.params, converted.params)
+  assert_trees_equal(conv.params, converted.params)
   # the tower from a CLIP directory passed as an argument, or found through mm_vision_tower
-  _trees_equal(llava_conv.convert_llava(original["separate"], clip=original["clip"]).params, conv.params)
-  _trees_equal(llava_conv.convert_llava(original["auto"]).params, conv.params)
+  assert_trees_equal(llava_conv.convert_llava(original["separate"], clip=original["clip"]).params, conv.params)
+  assert_trees_equal(llava_conv.convert_llava(original["auto"]).params, conv.params)
   loaded = loaders.load_llava(original["separate"], clip=original["clip"], with_tokenizer=False)
   assert loaded.config == c and loaded.family == "llava_original"
   with pytest.raises(CheckpointError, match="clip="):

@@ -230,7 +230,7 @@ def test_tokenizer(tree, tmp_path):
   assert all(0 not in tok(c).input_ids for c in corpus)
   reloaded = S.load_tokenizer(str(tmp_path / "a"))
   assert reloaded(text).input_ids == ids
-  from jaxlisa.data import text as text_lib
+  from jaxlisa.data import synthetic_text as text_lib
   bare = text_lib.train_tokenizer(corpus, 300)  # no [SEG] added: several pieces
   with pytest.raises(ValueError, match="single id"):
     seg_token_index(bare)

@@ -17,6 +17,7 @@ from flax import traverse_util
 
 from jaxlisa import config as cfg_lib
 from jaxlisa.tasks import prepared_task
+from jaxlisa.training import accumulation, partition
 from jaxlisa.training import optimizer as optim_lib
 from jaxlisa.training.trainer import Trainer, read_metrics
 
@@ -111,17 +112,17 @@ def state_and_batch(trainer):
 
 def _loss_fn(trainer, frozen):
   """The train step's objective: loss of the merged params, a function of the trained ones."""
-  return lambda p, mb, r: trainer.task.loss(optim_lib.merge(p, frozen), mb, r)
+  return lambda p, mb, r: trainer.task.loss(partition.merge(p, frozen), mb, r)
 
 
 def test_trainable_mask_errors():
   params = {"embed_tokens": {"embedding": np.zeros(2)}, "layers": {"mlp": {"up_proj": {"kernel": np.zeros(2)}}}}
-  mask = optim_lib.trainable_mask(params, (".*",), ("layers/.*",))
+  mask = partition.trainable_mask(params, (".*",), ("layers/.*",))
   assert mask == {"embed_tokens": {"embedding": True}, "layers": {"mlp": {"up_proj": {"kernel": False}}}}
   with pytest.raises(ValueError, match=r"regex 'lora_.\*' matches no parameter"):
-    optim_lib.trainable_mask(params, ("lora_.*",))
-  trained, frozen = optim_lib.split(params, mask)
-  assert optim_lib.merge(trained, frozen) == params
+    partition.trainable_mask(params, ("lora_.*",))
+  trained, frozen = partition.split(params, mask)
+  assert partition.merge(trained, frozen) == params
 
 
 def test_frozen_params_unchanged_and_without_gradients(trainer, state_and_batch):
@@ -137,7 +138,7 @@ def test_frozen_params_unchanged_and_without_gradients(trainer, state_and_batch)
   # optimizer moments and gradients exist for the trained subtree only
   adam = state.opt_state[1][0]
   assert jax.tree.structure(adam.mu) == jax.tree.structure(state.trainable)
-  grads, _ = jax.eval_shape(lambda s, b: optim_lib.grads_and_metrics(_loss_fn(t, s.frozen), s.trainable, b, s.rng),
+  grads, _ = jax.eval_shape(lambda s, b: accumulation.grads_and_metrics(_loss_fn(t, s.frozen), s.trainable, b, s.rng),
                             state, batch)
   assert jax.tree.structure(grads) == jax.tree.structure(state.trainable)
   frozen0, trained0 = jax.device_get((state.frozen, state.trainable))
@@ -171,7 +172,7 @@ def test_gradient_accumulation_equals_big_batch(trainer, state_and_batch):
   tokens = np.asarray(batch["attention_mask"])[:, 1:].sum(1)
   assert len(set(tokens.tolist())) > 1  # rows of different lengths: the token weighting matters
   loss_fn = _loss_fn(t, state.frozen)
-  fns = {k: jax.jit(lambda p, b, k=k: optim_lib.grads_and_metrics(loss_fn, p, b, state.rng, k)) for k in (1, 4)}
+  fns = {k: jax.jit(lambda p, b, k=k: accumulation.grads_and_metrics(loss_fn, p, b, state.rng, k)) for k in (1, 4)}
   g1, m1 = fns[1](state.trainable, batch)
   g4, m4 = fns[4](state.trainable, batch)
   diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)))

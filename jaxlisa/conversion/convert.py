@@ -25,6 +25,7 @@ from jaxlisa.conversion import families
 from jaxlisa.conversion.checkpoint_io import CheckpointError, open_checkpoint, read_config_json
 from jaxlisa.conversion.family import DTYPES, Converted, np_dtype  # noqa: F401  (re-exported)
 from jaxlisa.conversion.keymap import convert_state, export_state
+from jaxlisa.models.lora import merge_lora
 
 CONFIG_FILE = "jaxlisa_config.json"
 PARAMS_DIR = "params"
@@ -242,10 +243,13 @@ def load_pretrained(path: str, *, family: str | None = None, dtype: str | None =
 
 
 def export_checkpoint(params: dict, family: str, config, dst_file: str) -> dict[str, np.ndarray]:
-  """Write params back as a PyTorch-named safetensors file (HF layout); returns the state dict."""
+  """Write params back as a PyTorch-named safetensors file (HF layout); returns the state dict.
+  A decoder LM's LoRA adapters (config.lora_rank > 0) are merged into their kernels."""
   fam = families.get_family(family)
   if fam.export_rules is None:
     raise CheckpointError(f"family {family} has no export map")
+  if getattr(config, "lora_rank", 0):
+    params = merge_lora(params, config.lora_alpha, config.lora_rank)
   state = export_state(params, fam.export_rules(config, ()), scan=getattr(config, "scan_layers", True))
   if dst_file:
     from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel

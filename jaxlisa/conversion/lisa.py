@@ -21,7 +21,7 @@ stops with an error naming `clip_src`. `rotary_emb.inv_freq` buffers are skipped
 weights (`added_tokens.json`, `tokenizer.json` or `tokenizer_config.json`), or `seg_token_idx=`.
 
   convert_lisa(src, clip_src=None, seg_token_idx=None)  -> family.Converted(family "lisa", ...)
-  export_lisa(params, config)                           -> {official name: array}, CLIP excluded
+  export_lisa(params, config)                           -> {official name: array}, CLIP excluded, LoRA merged
   conversion/loaders.py: load_lisa (-> convert.Pretrained, module Lisa) and compose_lisa (a fresh
   LISA from its parts); jaxlisa.load_pretrained(path) loads through the family table
 """
@@ -45,6 +45,7 @@ from jaxlisa.data.conversation import (DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TO
                                        IMAGE_TOKEN_INDEX)
 from jaxlisa.models import lisa as lisa_lib
 from jaxlisa.models.lisa import Lisa, LisaConfig
+from jaxlisa.models.lora import merge_lora
 from jaxlisa.models.llava import LlavaConfig
 
 LISA_CLIP = "model.vision_tower.vision_tower.vision_model."  # pre-merge checkpoints only
@@ -88,7 +89,12 @@ def lisa_rules(c: LisaConfig, keys: Sequence[str] = (), export: bool = False, cl
 def export_lisa(params: dict, config: LisaConfig, include_clip: bool = False) -> dict[str, np.ndarray]:
   """`Lisa` params -> {official name: numpy array} as the merge script saves them (no CLIP
   tower; include_clip=True adds it under the pre-merge names). LLaMA layers are exported with
-  the config's scan setting, SAM's unrolled blocks and text_hidden_fcs on their own."""
+  the config's scan setting, SAM's unrolled blocks and text_hidden_fcs on their own. LoRA
+  adapters (config.llava.text.lora_rank > 0) are merged into their kernels first, as the merge
+  script's `merge_and_unload` does."""
+  t = config.llava.text
+  if t.lora_rank:
+    params = merge_lora(params, t.lora_alpha, t.lora_rank)
   llava_params = dict(params["llava"])
   if not include_clip:
     llava_params.pop("vision_tower", None)

@@ -413,7 +413,7 @@ def train_tokenizer(corpus: Sequence[str], out_dir: str | None = None, vocab_siz
   real LLaMA vocabulary (the llava_v1 system prompt: 24 tokens instead of 79). Short prompts keep
   the question's words from being diluted among template pieces in a from-scratch model."""
   from tokenizers import AddedToken  # pylint: disable=import-outside-toplevel
-  from jaxlisa.data import text  # pylint: disable=import-outside-toplevel
+  from jaxlisa.data import synthetic_text as text  # pylint: disable=import-outside-toplevel
   tok = text.train_tokenizer(list(corpus) + template_texts() * template_weight, vocab_size)
   tok.model_max_length = model_max_length
   tok.padding_side = "right"

@@ -4,8 +4,8 @@
   - "xla":    `jax.nn.dot_product_attention(implementation="xla")`, any backend (CPU tests).
   - "cudnn":  the cuDNN fused flash kernel on NVIDIA GPUs (bf16/fp16 inputs).
   - "auto":   let JAX choose (cudnn where it applies, else xla).
-  - "splash": TPU splash attention. Reserved: raises until the Pallas kernel is wired in
-              (docs/ARCHITECTURE.md, "Follow-ups"); use "xla" on TPU meanwhile.
+TPU Pallas splash attention is not wired in: "splash" is refused with the others unknown (use
+"xla" on TPU).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLS = ("xla", "cudnn", "auto", "splash")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
@@ -26,10 +26,6 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   Returns [B, T, N, H]. A query row with no allowed key gets a uniform softmax (as PyTorch
   does with a finite minimum), so padded queries stay finite.
   """
-  if impl == "splash":
-    raise NotImplementedError(
-        "attention_impl='splash' (TPU Pallas splash attention) is not wired in yet; "
-        "use attention_impl='xla' on TPU for now.")
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"unknown attention_impl {impl!r}; expected one of {ATTENTION_IMPLS}")
   implementation = None if impl == "auto" else impl

@@ -34,9 +34,10 @@ import jax.numpy as jnp
 from jaxlisa.constants import IGNORE_INDEX
 from jaxlisa.models.eva import EVAViTConfig, EVAVisionTransformer
 from jaxlisa.models.layers import constrain
-from jaxlisa.models.qformer import (BATCH_LEN_EMBED, BertEmbeddings, DenseLayerNorm, Intermediate,
-                                    QFormerAttention, QFormerConfig, _OnlyMLMHead, lm_cross_entropy,
-                                    self_attention_mask)
+from jaxlisa.models.config_base import ConfigMixin
+from jaxlisa.models.losses import causal_lm_cross_entropy
+from jaxlisa.models.qformer import (IGNORE_INDEX, BATCH_LEN_EMBED, BertEmbeddings, DenseLayerNorm, Intermediate,
+                                    QFormerAttention, QFormerConfig, _OnlyMLMHead, self_attention_mask)
 
 
 def blip_text_config(**kw) -> QFormerConfig:
@@ -49,7 +50,7 @@ def blip_text_config(**kw) -> QFormerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class BlipConfig:
+class BlipConfig(ConfigMixin):
   vision: EVAViTConfig = dataclasses.field(default_factory=lambda: EVAViTConfig(
       image_size=384, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, mlp_dim=3072,
       layer_norm_eps=1e-6, ln_vision_eps=1e-6))
@@ -61,23 +62,7 @@ class BlipConfig:
   def scan_layers(self) -> bool:
     return self.vision.scan_layers
 
-  def replace(self, **kw) -> "BlipConfig":
-    return dataclasses.replace(self, **kw)
 
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "BlipConfig":
-    d = dict(d)
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"unknown BlipConfig fields {unknown}")
-    if isinstance(d.get("vision"), dict):
-      d["vision"] = EVAViTConfig.from_dict(d["vision"])
-    if isinstance(d.get("text"), dict):
-      d["text"] = QFormerConfig.from_dict(d["text"])
-    return cls(**d)
 
 
 @flax.struct.dataclass
@@ -187,7 +172,7 @@ class BlipForConditionalGeneration(nn.Module):
     out = self.text_decoder(input_ids, attention_mask, img, deterministic=deterministic)
     loss = None
     if labels is not None:
-      loss = lm_cross_entropy(out.logits[:, :-1], labels[:, 1:], self.config.label_smoothing)
+      loss = causal_lm_cross_entropy(out.logits, labels, self.config.label_smoothing)
     return BlipOutput(logits=out.logits, loss=loss, image_embeds=img)
 
   def decode_step(self, input_ids, cross_kv, cache, cache_index):

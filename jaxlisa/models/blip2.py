@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any
+import functools
 
 import flax.linen as nn
 import flax.struct
@@ -43,13 +44,16 @@ from absl import logging
 
 from jaxlisa.constants import IGNORE_INDEX
 from jaxlisa.models.eva import EVAViTConfig, EVAVisionTransformer
-from jaxlisa.models.layers import DenseGeneral
+from jaxlisa.models.config_base import ConfigMixin
+from jaxlisa.models.layers import DenseGeneral, dtypes
+from jaxlisa.models import llm as llm_lib
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
-from jaxlisa.models.qformer import QFormer, QFormerConfig, lm_cross_entropy
+from jaxlisa.models.losses import causal_lm_cross_entropy, cross_entropy
+from jaxlisa.models.qformer import IGNORE_INDEX, QFormer, QFormerConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class Blip2Config:
+class Blip2Config(ConfigMixin):
   """vision: EVA ViT (+ ln_vision); qformer: the Q-Former (num_query_tokens lives there); text: the
   OPT decoder of stage 2 (None for stage 1)."""
   vision: EVAViTConfig = dataclasses.field(default_factory=EVAViTConfig.eva_vit_g)
@@ -74,27 +78,6 @@ class Blip2Config:
     if self.text is not None and self.text.scan_layers != self.vision.scan_layers:
       raise ValueError("vision and text towers must agree on scan_layers")
     return self.vision.scan_layers
-
-  def replace(self, **kw) -> "Blip2Config":
-    return dataclasses.replace(self, **kw)
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "Blip2Config":
-    d = dict(d)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown Blip2Config fields {unknown}")
-    if isinstance(d.get("vision"), dict):
-      d["vision"] = EVAViTConfig.from_dict(d["vision"])
-    if isinstance(d.get("qformer"), dict):
-      d["qformer"] = QFormerConfig.from_dict(d["qformer"])
-    if isinstance(d.get("text"), dict):
-      d["text"] = DecoderConfig.from_dict(d["text"])
-    return cls(**d)
 
 
 @flax.struct.dataclass
@@ -126,9 +109,6 @@ class Blip2OPTOutput:
   loss: jax.Array | None = None
 
 
-def _dt(name: str):
-  return jnp.dtype(name)
-
 
 def normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   """F.normalize(x, dim=-1): x / max(||x||, eps)."""
@@ -152,7 +132,7 @@ def _device_index(axis_name: str | None):
 
 def label_smoothed_ce(logits: jax.Array, targets: jax.Array, eps: float) -> jax.Array:
   """F.cross_entropy(logits [B, C], targets [B], label_smoothing=eps), mean."""
-  return lm_cross_entropy(logits, targets, eps, ignore_index=-(2 ** 30))
+  return cross_entropy(logits, targets, eps, ignore_index=-(2 ** 30))
 
 
 def sample_hard_negatives(rng: jax.Array, sim_t2i: jax.Array, sim_i2t: jax.Array,
@@ -175,7 +155,7 @@ class _Blip2Base(nn.Module):
     self.Qformer = QFormer(qformer_config)  # pylint: disable=invalid-name
     init = nn.initializers.normal(0.02)
     self.query_tokens = self.param("query_tokens", nn.with_logical_partitioning(init, (None, None, "embed")),
-                                   (1, c.num_query_tokens, c.qformer.hidden_size), _dt(c.qformer.param_dtype))
+                                   (1, c.num_query_tokens, c.qformer.hidden_size), jnp.dtype(c.qformer.param_dtype))
 
   def image_embeds(self, pixels: jax.Array) -> jax.Array:
     """pixels [B, H, W, 3] (normalized, NHWC) -> ln_vision(ViT(pixels)) [B, 1 + P, Dv]."""
@@ -194,7 +174,7 @@ class Blip2Qformer(_Blip2Base):
   def setup(self):
     c = self.config
     self._setup_image_path(c.qformer)
-    kw = dict(use_bias=True, dtype=_dt(c.qformer.dtype), param_dtype=_dt(c.qformer.param_dtype))
+    kw = dict(use_bias=True, **dtypes(c.qformer))
     self.vision_proj = DenseGeneral(c.embed_dim, kernel_axes=("embed", None), **kw)
     self.text_proj = DenseGeneral(c.embed_dim, kernel_axes=("embed", None), **kw)
     self.itm_head = DenseGeneral(2, kernel_axes=("embed", None), **kw)
@@ -325,13 +305,13 @@ class Blip2OPT(_Blip2Base):
       raise ValueError("Blip2OPT needs an OPT text config (config.text.family == 'opt')")
     self._setup_image_path(c.qformer.replace(use_text=False, lm_head=False))
     self.opt_proj = DenseGeneral(c.text.embed_dim, kernel_axes=(None, "embed"), use_bias=True,
-                                 dtype=_dt(c.text.dtype), param_dtype=_dt(c.text.param_dtype))
+                                 **dtypes(c.text))
     self.opt_model = DecoderLM(c.text)
 
   def encode_image(self, pixels: jax.Array) -> jax.Array:
     """pixels [B, H, W, 3] -> query embeddings in OPT's input space [B, Q, D_opt]."""
     q = self.query_output(self.image_embeds(pixels)).last_hidden_state
-    return self.opt_proj(q.astype(_dt(self.config.text.dtype)))
+    return self.opt_proj(q.astype(jnp.dtype(self.config.text.dtype)))
 
   def embed_inputs(self, pixels, input_ids, attention_mask):
     """Decoding entry: [opt_proj(queries); embed(input_ids)] [B, Q + T, D_opt] and its mask [B, Q + T]."""
@@ -351,7 +331,7 @@ class Blip2OPT(_Blip2Base):
     if labels is not None:
       q = embeds.shape[1] - input_ids.shape[1]
       full = jnp.concatenate([jnp.full((labels.shape[0], q), IGNORE_INDEX, labels.dtype), labels], axis=1)
-      loss = lm_cross_entropy(out.logits[:, :-1], full[:, 1:], 0.0)
+      loss = causal_lm_cross_entropy(out.logits, full)
     return Blip2OPTOutput(logits=out.logits, loss=loss)
 
 

@@ -26,13 +26,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 from jaxlisa.models.config_base import ConfigMixin
-from jaxlisa.models import attention as attn_lib
-from jaxlisa.models.layers import DenseGeneral, Embed, LayerNorm, activation, constrain, maybe_remat
-
-BATCH_LEN_EMBED = ("activation_batch", "activation_length", "activation_embed")
+from jaxlisa.models.layers import BATCH_LEN_EMBED, Embed, LayerNorm, ViTBlockSpec, constrain, dtypes, vit_encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +69,13 @@ class CLIPVisionConfig(ConfigMixin):
   def num_positions(self) -> int:
     return self.grid ** 2 + 1
 
+  @property
+  def block_spec(self) -> ViTBlockSpec:
+    """HF `CLIPEncoderLayer`: layer_norm1, self_attn (q/k/v/out_proj), layer_norm2, mlp (fc1, fc2)."""
+    return ViTBlockSpec(num_heads=self.num_attention_heads, head_dim=self.head_dim,
+                        mlp_dim=self.intermediate_size, hidden_act=self.hidden_act, eps=self.layer_norm_eps,
+                        dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+
 
 
 @flax.struct.dataclass
@@ -80,10 +83,6 @@ class CLIPVisionOutput:
   last_hidden_state: jax.Array  # [B, 1 + P, D], output of the last layer (no final norm)
   pooler_output: jax.Array  # [B, D] post_layernorm(last_hidden_state[:, 0])
   hidden_states: tuple | None = None  # L+1 x [B, 1 + P, D]: pre_layrnorm(embeddings), then each layer
-
-
-def _dt(name: str):
-  return jnp.dtype(name)
 
 
 # ----------------------------------------------------------------------------- shared vision pieces
@@ -177,70 +176,19 @@ class CLIPVisionEmbeddings(nn.Module):
   def __call__(self, pixels: jax.Array) -> jax.Array:
     """pixels [B, H, W, C] -> [B, 1 + (H/p)(W/p), D] (CLS first, positions added)."""
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
+    kw = dtypes(c)
     b = pixels.shape[0]
     cls = self.param("class_embedding", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
-                     (c.hidden_size,), _dt(c.param_dtype))
+                     (c.hidden_size,), kw["param_dtype"])
     patches = PatchConv(c.hidden_size, c.patch_size, use_bias=False, name="patch_embedding", **kw)(pixels)
     gh, gw = patches.shape[1:3]
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(_dt(c.dtype)), (b, 1, c.hidden_size)),
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(kw["dtype"]), (b, 1, c.hidden_size)),
                          patches.reshape(b, gh * gw, c.hidden_size)], axis=1)
     pos = Embed(c.num_positions, c.hidden_size, axes=(None, "embed"), name="position_embedding",
                 **kw)(jnp.arange(c.num_positions))
     if (gh, gw) != (c.grid, c.grid):
       pos = resize_pos_embed(pos, (gh, gw))
     return x + pos[None].astype(x.dtype)
-
-
-class CLIPAttention(nn.Module):
-  config: CLIPVisionConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x [B, T, D] -> [B, T, D]; bidirectional, no mask."""
-    c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), use_bias=True)
-    n, h = c.num_attention_heads, c.head_dim
-    proj = lambda name: DenseGeneral((n, h), kernel_axes=("embed", "heads", "head_dim"), name=name, **kw)
-    q = checkpoint_name(proj("q_proj")(x), "query_proj")
-    k = checkpoint_name(proj("k_proj")(x), "key_proj")
-    v = checkpoint_name(proj("v_proj")(x), "value_proj")
-    q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
-    out = attn_lib.dot_product_attention(q, k, v, None, scale=h ** -0.5, impl=c.attention_impl)
-    out = checkpoint_name(out, "context")
-    out = DenseGeneral(c.hidden_size, in_axes=2, kernel_axes=("heads", "head_dim", "embed"),
-                       name="out_proj", **kw)(out)
-    return checkpoint_name(out, "out_proj")
-
-
-class CLIPMLP(nn.Module):
-  config: CLIPVisionConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), use_bias=True)
-    y = DenseGeneral(c.intermediate_size, kernel_axes=("embed", "mlp"), name="fc1", **kw)(x)
-    y = checkpoint_name(activation(c.hidden_act)(y), "mlpwi")
-    y = constrain(y, ("activation_batch", "activation_length", "activation_mlp"))
-    y = DenseGeneral(c.hidden_size, kernel_axes=("mlp", "embed"), name="fc2", **kw)(y)
-    return checkpoint_name(y, "mlpwo")
-
-
-class CLIPEncoderLayer(nn.Module):
-  """Pre-LN block; scan-compatible: h -> (h, h | None)."""
-  config: CLIPVisionConfig
-  collect_hidden: bool = False
-
-  @nn.compact
-  def __call__(self, h: jax.Array, _=None):
-    c = self.config
-    kw = dict(eps=c.layer_norm_eps, dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
-    h = constrain(h, BATCH_LEN_EMBED)
-    h = h + CLIPAttention(c, name="self_attn")(LayerNorm(name="layer_norm1", **kw)(h))
-    h = h + CLIPMLP(c, name="mlp")(LayerNorm(name="layer_norm2", **kw)(h))
-    h = constrain(h, BATCH_LEN_EMBED)
-    return h, (h if self.collect_hidden else None)
 
 
 class CLIPEncoder(nn.Module):
@@ -250,17 +198,8 @@ class CLIPEncoder(nn.Module):
   def __call__(self, h: jax.Array, collect: bool = False):
     """h [B, T, D] -> (h, stacked layer outputs [L, B, T, D] | None)."""
     c = self.config
-    if c.scan_layers:
-      layer = maybe_remat(CLIPEncoderLayer, c.remat_policy, scanned=True)
-      scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True},
-                        length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      return scanned(c, collect, name="layers")(h, None)
-    layer = maybe_remat(CLIPEncoderLayer, c.remat_policy, scanned=False)
-    outs = []
-    for i in range(c.num_hidden_layers):
-      h, o = layer(c, collect, name=f"layers_{i}")(h)
-      outs.append(o)
-    return h, (jnp.stack(outs) if collect else None)
+    return vit_encoder(c.block_spec, h, num_layers=c.num_hidden_layers, scan=c.scan_layers,
+                       remat_policy=c.remat_policy, name="layers", collect=collect)
 
 
 class CLIPVisionModel(nn.Module):
@@ -271,7 +210,7 @@ class CLIPVisionModel(nn.Module):
   def __call__(self, pixels: jax.Array, output_hidden_states: bool = False) -> CLIPVisionOutput:
     """pixels [B, H, W, C] (normalized, NHWC) -> CLIPVisionOutput."""
     c = self.config
-    kw = dict(eps=c.layer_norm_eps, dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
+    kw = dict(eps=c.layer_norm_eps, **dtypes(c))
     x = CLIPVisionEmbeddings(c, name="embeddings")(pixels)
     h0 = constrain(LayerNorm(name="pre_layrnorm", **kw)(x), BATCH_LEN_EMBED)
     last, stacked = CLIPEncoder(c, name="encoder")(h0, output_hidden_states)

@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
 from typing import Any
+
+from jaxlisa.models import attention as attn_lib
+from jaxlisa.models import layers
+
+
+def _tuples(v):
+  """JSON lists back to tuples, nested lists included ([[336, 672]] -> ((336, 672),))."""
+  return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
 
 
 class ConfigMixin:
-  """replace / to_dict / from_dict for a frozen dataclass of plain fields (saved as JSON; lists
-  read back as tuples, unknown fields are an error naming them)."""
+  """replace / to_dict / from_dict for a frozen dataclass (saved as JSON; lists read back as
+  tuples, unknown fields are an error naming them). Fields typed as another ConfigMixin dataclass
+  (`vision: CLIPVisionConfig`, `text: DecoderConfig | None`) nest: to_dict writes them as dicts,
+  from_dict reads them back. `attention_impl` and `remat_policy` fields, where a config has them,
+  are checked when it is built."""
+
+  def __post_init__(self):
+    impl = getattr(self, "attention_impl", "xla")
+    if impl not in attn_lib.ATTENTION_IMPLS:
+      raise ValueError(f"{type(self).__name__}.attention_impl {impl!r} is not one of {attn_lib.ATTENTION_IMPLS}"
+                       + (" (TPU splash attention is not wired in; use 'xla')" if impl == "splash" else ""))
+    policy = getattr(self, "remat_policy", "none")
+    if policy != "none":
+      layers.remat_policy(policy)  # raises naming the known policies (and a renamed one's new name)
 
   def replace(self, **kw):
     return dataclasses.replace(self, **kw)
@@ -17,9 +39,22 @@ class ConfigMixin:
     return dataclasses.asdict(self)
 
   @classmethod
+  @functools.cache
+  def nested_fields(cls) -> dict[str, type]:
+    """{field name: its ConfigMixin class} for the fields that hold a sub-config."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+      for t in typing.get_args(hints[f.name]) or (hints[f.name],):
+        if isinstance(t, type) and issubclass(t, ConfigMixin):
+          out[f.name] = t
+    return out
+
+  @classmethod
   def from_dict(cls, d: dict[str, Any]):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
       raise ValueError(f"unknown {cls.__name__} fields {unknown}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    nested = cls.nested_fields()
+    return cls(**{k: nested[k].from_dict(v) if k in nested and isinstance(v, dict) else _tuples(v)
+                  for k, v in d.items()})

@@ -26,14 +26,10 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from jaxlisa.models.config_base import ConfigMixin
-from jaxlisa.models import attention as attn_lib
 from jaxlisa.models.clip import PatchConv, resize_pos_embed
-from jaxlisa.models.layers import DenseGeneral, LayerNorm, activation, constrain, maybe_remat
-
-BATCH_LEN_EMBED = ("activation_batch", "activation_length", "activation_embed")
+from jaxlisa.models.layers import BATCH_LEN_EMBED, LayerNorm, ViTBlockSpec, constrain, dtypes, vit_encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +66,14 @@ class EVAViTConfig(ConfigMixin):
   def grid(self) -> int:
     return self.image_size // self.patch_size
 
+  @property
+  def block_spec(self) -> ViTBlockSpec:
+    """LAVIS EVA `Block`: norm1, attn (fused qkv + q_bias/v_bias, proj), norm2, mlp (fc1, fc2)."""
+    return ViTBlockSpec(num_heads=self.num_attention_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
+                        hidden_act=self.hidden_act, eps=self.layer_norm_eps, dtype=self.dtype,
+                        param_dtype=self.param_dtype, attention_impl=self.attention_impl, fused_qkv=True,
+                        qkv_bias=self.qkv_bias, names=("norm1", "attn", "norm2", "mlp", "proj"))
+
 
 
 @flax.struct.dataclass
@@ -79,67 +83,6 @@ class EVAOutput:
   hidden_states: tuple | None = None  # L+1 x [B, 1 + P, D]: embeddings, then each block
 
 
-def _dt(name: str):
-  return jnp.dtype(name)
-
-
-class EVAAttention(nn.Module):
-  config: EVAViTConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x [B, T, D] -> [B, T, D]. One fused qkv matmul; bias = (q_bias, 0, v_bias)."""
-    c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
-    n, h = c.num_attention_heads, c.head_dim
-    qkv = DenseGeneral((3, n, h), kernel_axes=("embed", None, "heads", "head_dim"), name="qkv", **kw)(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if c.qkv_bias:
-      bias = lambda name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
-                                     (n, h), _dt(c.param_dtype)).astype(_dt(c.dtype))
-      q = q + bias("q_bias")
-      v = v + bias("v_bias")
-    q = checkpoint_name(q, "query_proj")
-    k = checkpoint_name(k, "key_proj")
-    v = checkpoint_name(v, "value_proj")
-    q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
-    out = attn_lib.dot_product_attention(q, k, v, None, scale=h ** -0.5, impl=c.attention_impl)
-    out = checkpoint_name(out, "context")
-    out = DenseGeneral(c.hidden_size, in_axes=2, kernel_axes=("heads", "head_dim", "embed"), use_bias=True,
-                       name="proj", **kw)(out)
-    return checkpoint_name(out, "out_proj")
-
-
-class EVAMlp(nn.Module):
-  config: EVAViTConfig
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), use_bias=True)
-    y = DenseGeneral(c.mlp_dim, kernel_axes=("embed", "mlp"), name="fc1", **kw)(x)
-    y = checkpoint_name(activation(c.hidden_act)(y), "mlpwi")
-    y = constrain(y, ("activation_batch", "activation_length", "activation_mlp"))
-    return checkpoint_name(DenseGeneral(c.hidden_size, kernel_axes=("mlp", "embed"), name="fc2", **kw)(y),
-                           "mlpwo")
-
-
-class EVABlock(nn.Module):
-  """x = x + attn(norm1(x)); x = x + mlp(norm2(x)). Scan-compatible: h -> (h, h | None)."""
-  config: EVAViTConfig
-  collect_hidden: bool = False
-
-  @nn.compact
-  def __call__(self, h: jax.Array, _=None):
-    c = self.config
-    kw = dict(eps=c.layer_norm_eps, dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
-    h = constrain(h, BATCH_LEN_EMBED)
-    h = h + EVAAttention(c, name="attn")(LayerNorm(name="norm1", **kw)(h))
-    h = h + EVAMlp(c, name="mlp")(LayerNorm(name="norm2", **kw)(h))
-    h = constrain(h, BATCH_LEN_EMBED)
-    return h, (h if self.collect_hidden else None)
-
-
 class _PatchEmbed(nn.Module):
   """LAVIS `PatchEmbed`: holds `proj` (Conv2d, kernel = stride = patch, with bias)."""
   config: EVAViTConfig
@@ -147,8 +90,7 @@ class _PatchEmbed(nn.Module):
   @nn.compact
   def __call__(self, pixels: jax.Array) -> jax.Array:
     c = self.config
-    return PatchConv(c.hidden_size, c.patch_size, use_bias=True, dtype=_dt(c.dtype),
-                     param_dtype=_dt(c.param_dtype), name="proj")(pixels)
+    return PatchConv(c.hidden_size, c.patch_size, use_bias=True, name="proj", **dtypes(c))(pixels)
 
 
 class EVAVisionTransformer(nn.Module):
@@ -159,7 +101,7 @@ class EVAVisionTransformer(nn.Module):
   def __call__(self, pixels: jax.Array, output_hidden_states: bool = False) -> EVAOutput:
     """pixels [B, H, W, C] (normalized, NHWC) -> EVAOutput."""
     c = self.config
-    dt, pdt = _dt(c.dtype), _dt(c.param_dtype)
+    dt, pdt = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
     b = pixels.shape[0]
     x = _PatchEmbed(c, name="patch_embed")(pixels)  # [B, H/p, W/p, D]
     gh, gw = x.shape[1:3]
@@ -174,7 +116,8 @@ class EVAVisionTransformer(nn.Module):
     if (gh, gw) != (c.grid, c.grid):
       pos = resize_pos_embed(pos, (gh, gw))
     h0 = constrain(x + pos[None].astype(dt), BATCH_LEN_EMBED)
-    h, stacked = self._blocks(h0, output_hidden_states)
+    h, stacked = vit_encoder(c.block_spec, h0, num_layers=c.num_hidden_layers, scan=c.scan_layers,
+                             remat_policy=c.remat_policy, name="blocks", collect=output_hidden_states)
     embeds = h
     if c.use_ln_vision:
       embeds = LayerNorm(eps=c.ln_vision_eps, dtype=dt, param_dtype=pdt, name="ln_vision")(h)
@@ -182,20 +125,6 @@ class EVAVisionTransformer(nn.Module):
     if output_hidden_states:
       hidden = (h0, *[stacked[i] for i in range(c.num_hidden_layers)])
     return EVAOutput(last_hidden_state=h, image_embeds=embeds, hidden_states=hidden)
-
-  def _blocks(self, h, collect):
-    c = self.config
-    if c.scan_layers:
-      block = maybe_remat(EVABlock, c.remat_policy, scanned=True)
-      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                        length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      return scanned(c, collect, name="blocks")(h, None)
-    block = maybe_remat(EVABlock, c.remat_policy, scanned=False)
-    outs = []
-    for i in range(c.num_hidden_layers):
-      h, o = block(c, collect, name=f"blocks_{i}")(h)
-      outs.append(o)
-    return h, (jnp.stack(outs) if collect else None)
 
 
 def dummy_inputs(c: EVAViTConfig):

@@ -10,17 +10,26 @@ PyTorch originals (`q_proj`, `fc1`, `norm`, ...) so conversion maps stay obvious
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxlisa.models import attention as attn_lib
 
 Dtype = Any
 Axes = tuple[str | None, ...]
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def dtypes(config) -> dict[str, Any]:
+  """`dict(dtype=..., param_dtype=...)` from a config's `dtype` / `param_dtype` names ("float32")."""
+  return dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
 
 
 def constrain(x: jax.Array, names: Axes) -> jax.Array:
@@ -180,14 +189,23 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
 
 
-# Named remat policies (MaxText vocabulary). Layers tag tensors with `checkpoint_name`:
+# Named remat policies. Layers tag tensors with `checkpoint_name` (MaxText's names):
 # query_proj/key_proj/value_proj (q, k, v), context (attention output before o_proj),
 # out_proj, mlpwi (MLP input projections), mlpwo (MLP output).
+# "save_dots_no_batch_dims" is jax's dots_with_no_batch_dims_saveable: every matmul without batch
+# dimensions is saved (the projections and MLP), attention's batched einsums are recomputed.
+# It was called "minimal", which is not MaxText's "minimal"; that name is refused.
+RENAMED_REMAT_POLICIES = {"minimal": "save_dots_no_batch_dims"}
+
+
 def remat_policy(name: str):
   cp = jax.checkpoint_policies
+  if name in RENAMED_REMAT_POLICIES:
+    raise ValueError(f"remat_policy {name!r} is now called {RENAMED_REMAT_POLICIES[name]!r} "
+                     "(jax's dots_with_no_batch_dims_saveable)")
   policies = {
       "full": cp.nothing_saveable,
-      "minimal": cp.dots_with_no_batch_dims_saveable,
+      "save_dots_no_batch_dims": cp.dots_with_no_batch_dims_saveable,
       "save_dot_except_mlp": cp.save_only_these_names("query_proj", "key_proj", "value_proj",
                                                       "context", "out_proj"),
       "save_qkv_proj": cp.save_only_these_names("query_proj", "key_proj", "value_proj"),
@@ -205,3 +223,127 @@ def maybe_remat(module_cls, policy: str, static_argnums: tuple[int, ...] = (), s
     return module_cls
   return nn.remat(module_cls, policy=remat_policy(policy), prevent_cse=not scanned,
                   static_argnums=static_argnums)
+
+
+def layer_stack(layer_cls, layer_args: tuple, carry, *xs, length: int, scan: bool, remat_policy: str,
+                name: str, in_axes: tuple = (), split_rngs: tuple[str, ...] = ("params",)):
+  """`length` layers `layer_cls(*layer_args)` applied in turn to `carry` (call from a compact method).
+
+  The layer is scan-compatible: `(carry, *xs) -> (carry, y)`. `xs[i]` is given whole to every layer
+  (`in_axes[i] = nn.broadcast`) or sliced per layer on its leading axis (`in_axes[i] = 0`; a pytree,
+  None allowed). `scan=True`: one `nn.scan` named `name`, parameters stacked on a leading 'layers'
+  axis; `scan=False`: modules `{name}_0`, `{name}_1`, ... in a Python loop. Returns
+  (carry, ys stacked [length, ...] leaf by leaf; None leaves stay None).
+  """
+  layer = maybe_remat(layer_cls, remat_policy, scanned=scan)
+  if scan:
+    scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={r: True for r in split_rngs},
+                      in_axes=in_axes, length=length, metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(*layer_args, name=name)(carry, *xs)
+  ys = []
+  for i in range(length):
+    args = [x if ax is nn.broadcast else jax.tree.map(lambda a, i=i: a[i], x) for x, ax in zip(xs, in_axes)]
+    carry, y = layer(*layer_args, name=f"{name}_{i}")(carry, *args)
+    ys.append(y)
+  return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+# ----------------------------------------------------------------------------- ViT blocks
+BATCH_LEN_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTBlockSpec:
+  """One pre-norm ViT block's sizes, numerics and PyTorch module names (CLIP and EVA differ only here).
+
+  names: (first norm, attention, second norm, MLP, attention output projection).
+  fused_qkv: one `qkv` kernel [D, 3, N, H] with separate q/v biases [N, H] and none on k (LAVIS
+  EVA); otherwise q_proj/k_proj/v_proj [D, N, H] each with a bias [N, H] (HF CLIP).
+  """
+  num_heads: int
+  head_dim: int
+  mlp_dim: int
+  hidden_act: str
+  eps: float
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention_impl: str = "xla"
+  fused_qkv: bool = False
+  qkv_bias: bool = True
+  names: tuple[str, str, str, str, str] = ("layer_norm1", "self_attn", "layer_norm2", "mlp", "out_proj")
+
+
+class ViTSelfAttention(nn.Module):
+  """Bidirectional multi-head self-attention, x [B, T, D] -> [B, T, D] (no mask)."""
+  spec: ViTBlockSpec
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    s = self.spec
+    kw = dtypes(s)
+    n, h = s.num_heads, s.head_dim
+    if s.fused_qkv:
+      qkv = DenseGeneral((3, n, h), kernel_axes=("embed", None, "heads", "head_dim"), name="qkv", **kw)(x)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      if s.qkv_bias:
+        bias = lambda name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
+                                       (n, h), kw["param_dtype"]).astype(kw["dtype"])
+        q = q + bias("q_bias")
+        v = v + bias("v_bias")
+    else:
+      proj = lambda name: DenseGeneral((n, h), kernel_axes=("embed", "heads", "head_dim"), use_bias=s.qkv_bias,
+                                       name=name, **kw)(x)
+      q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
+    q = checkpoint_name(q, "query_proj")
+    k = checkpoint_name(k, "key_proj")
+    v = checkpoint_name(v, "value_proj")
+    q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_kv"))
+    out = attn_lib.dot_product_attention(q, k, v, None, scale=h ** -0.5, impl=s.attention_impl)
+    out = checkpoint_name(out, "context")
+    out = DenseGeneral(x.shape[-1], in_axes=2, kernel_axes=("heads", "head_dim", "embed"), use_bias=True,
+                       name=s.names[4], **kw)(out)
+    return checkpoint_name(out, "out_proj")
+
+
+class FeedForward(nn.Module):
+  """fc1 -> activation -> fc2: x [B, T, D] -> [B, T, D] through [B, T, mlp_dim]."""
+  mlp_dim: int
+  hidden_act: str
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = default_kernel_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias,
+              kernel_init=self.kernel_init)
+    y = DenseGeneral(self.mlp_dim, kernel_axes=("embed", "mlp"), name="fc1", **kw)(x)
+    y = checkpoint_name(activation(self.hidden_act)(y), "mlpwi")
+    y = constrain(y, ("activation_batch", "activation_length", "activation_mlp"))
+    y = DenseGeneral(x.shape[-1], kernel_axes=("mlp", "embed"), name="fc2", **kw)(y)
+    return checkpoint_name(y, "mlpwo")
+
+
+class ViTBlock(nn.Module):
+  """h = h + attn(norm1(h)); h = h + mlp(norm2(h)). Scan-compatible: h [B, T, D] -> (h, h | None)."""
+  spec: ViTBlockSpec
+  collect_hidden: bool = False
+
+  @nn.compact
+  def __call__(self, h: jax.Array, _=None):
+    s = self.spec
+    norm1, attn, norm2, mlp, _out = s.names
+    kw = dtypes(s)
+    h = constrain(h, BATCH_LEN_EMBED)
+    h = h + ViTSelfAttention(s, name=attn)(LayerNorm(eps=s.eps, name=norm1, **kw)(h))
+    h = h + FeedForward(s.mlp_dim, s.hidden_act, name=mlp, **kw)(LayerNorm(eps=s.eps, name=norm2, **kw)(h))
+    h = constrain(h, BATCH_LEN_EMBED)
+    return h, (h if self.collect_hidden else None)
+
+
+def vit_encoder(spec: ViTBlockSpec, h: jax.Array, *, num_layers: int, scan: bool, remat_policy: str,
+                name: str, collect: bool = False):
+  """`num_layers` ViT blocks over h [B, T, D] -> (h, stacked block outputs [L, B, T, D] | None)."""
+  return layer_stack(ViTBlock, (spec, collect), h, length=num_layers, scan=scan,
+                     remat_policy=remat_policy, name=name)

@@ -27,13 +27,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxlisa.models import sam as sam_lib
+from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models.layers import DenseGeneral
 from jaxlisa.models.llava import Llava, LlavaConfig, merge_image_features
 from jaxlisa.models.sam import Sam, SamConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class LisaConfig:
+class LisaConfig(ConfigMixin):
   llava: LlavaConfig = LlavaConfig()
   sam: SamConfig = sam_lib.vit_h()
   seg_token_idx: int = 32003
@@ -55,21 +56,6 @@ class LisaConfig:
   @property
   def num_image_tokens(self) -> int:
     return self.llava.tokens_per_crop
-
-  def replace(self, **kw) -> "LisaConfig":
-    return dataclasses.replace(self, **kw)
-
-  def to_dict(self) -> dict[str, Any]:
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    d["llava"], d["sam"] = self.llava.to_dict(), self.sam.to_dict()
-    return d
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "LisaConfig":
-    d = dict(d)
-    d["llava"] = LlavaConfig.from_dict(d["llava"]) if isinstance(d.get("llava"), dict) else d.get("llava", LlavaConfig())
-    d["sam"] = SamConfig.from_dict(d["sam"]) if isinstance(d.get("sam"), dict) else d.get("sam", sam_lib.vit_h())
-    return cls(**d)
 
 
 @flax.struct.dataclass

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -41,6 +41,7 @@ import numpy as np
 
 from jaxlisa.models import anyres
 from jaxlisa.models.clip import CLIPVisionConfig, CLIPVisionModel
+from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models.layers import DenseGeneral, activation, constrain
 from jaxlisa.models.llm import DecoderConfig, DecoderLM, DecoderOutput
 
@@ -50,7 +51,7 @@ ASPECT_RATIOS = ("square", "pad", "anyres")
 
 
 @dataclasses.dataclass(frozen=True)
-class LlavaConfig:
+class LlavaConfig(ConfigMixin):
   """LLaVA architecture. Field names follow llava-hf where one exists, else the original config.
 
   vision_feature_layer: CLIP hidden state(s) used (HF order: 0 = embeddings); a tuple concatenates
@@ -124,35 +125,6 @@ class LlavaConfig:
   @property
   def has_image_newline(self) -> bool:
     return "unpad" in self.mm_patch_merge_type
-
-  def replace(self, **kw) -> "LlavaConfig":
-    return dataclasses.replace(self, **kw)
-
-  def to_dict(self) -> dict[str, Any]:
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    d["vision"], d["text"] = self.vision.to_dict(), self.text.to_dict()
-    if d["image_grid_pinpoints"] is not None:
-      d["image_grid_pinpoints"] = [list(p) for p in d["image_grid_pinpoints"]]
-    if not isinstance(d["vision_feature_layer"], int):
-      d["vision_feature_layer"] = list(d["vision_feature_layer"])
-    return d
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "LlavaConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ValueError(f"unknown LlavaConfig fields {unknown}")
-    d = dict(d)
-    if isinstance(d.get("vision"), dict):
-      d["vision"] = CLIPVisionConfig.from_dict(d["vision"])
-    if isinstance(d.get("text"), dict):
-      d["text"] = DecoderConfig.from_dict(d["text"])
-    if d.get("image_grid_pinpoints") is not None:
-      d["image_grid_pinpoints"] = tuple(tuple(int(x) for x in p) for p in d["image_grid_pinpoints"])
-    if isinstance(d.get("vision_feature_layer"), (list, tuple)):
-      d["vision_feature_layer"] = tuple(d["vision_feature_layer"])
-    return cls(**d)
 
 
 # ----------------------------------------------------------------------------- host-side layout

@@ -35,10 +35,10 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models import attention as attn_lib
-from jaxlisa.models.layers import DenseGeneral, Embed, LayerNorm, RMSNorm, activation, constrain, maybe_remat
+from jaxlisa.models.layers import (BATCH_LEN_EMBED, DenseGeneral, Embed, FeedForward, LayerNorm, RMSNorm,
+                                   activation, constrain, dtypes, layer_stack)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen", "opt")
-BATCH_LEN_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +88,7 @@ class DecoderConfig(ConfigMixin):
   attention_impl: str = "xla"
 
   def __post_init__(self):
+    super().__post_init__()
     if self.family not in FAMILIES:
       raise ValueError(f"unknown decoder family {self.family!r}; expected one of {FAMILIES}")
     if self.layer_types is not None:
@@ -95,6 +96,13 @@ class DecoderConfig(ConfigMixin):
       if bad or len(self.layer_types) != self.num_hidden_layers:
         raise ValueError(f"layer_types must give 'full_attention' or 'sliding_attention' for each of the "
                          f"{self.num_hidden_layers} layers, got {self.layer_types}")
+
+  @classmethod
+  def qwen_7b(cls, **kw) -> "DecoderConfig":
+    """Qwen-7B(-Chat), MiniGPT4-Qwen's LLM (its HF config.json; `c_attn` has biases)."""
+    return cls(**{**dict(family="qwen", vocab_size=151936, hidden_size=4096, intermediate_size=11008,
+                         num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=8192, norm_eps=1e-6,
+                         attention_bias=True, bos_token_id=None, eos_token_id=151643, pad_token_id=151643), **kw})
 
   @property
   def window_layers(self) -> tuple[bool, ...]:
@@ -132,10 +140,6 @@ class DecoderOutput:
   cache: dict | None = None  # {'k','v': [L, B, S, K, H]}
 
 
-def _dt(name: str):
-  return jnp.dtype(name)
-
-
 def _init(c: DecoderConfig):
   return nn.initializers.normal(stddev=c.initializer_range)
 
@@ -148,7 +152,7 @@ class Attention(nn.Module):
   def __call__(self, x, mask, cos, sin, layer_cache, cache_index):
     """x [B, T, D]; mask [B, 1, T, S]; cos/sin [B, T, H] or None; layer_cache {'k','v': [B, S, K, H]}."""
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), kernel_init=_init(c))
+    kw = dict(**dtypes(c), kernel_init=_init(c))
     n, k, h = c.num_attention_heads, c.kv_heads, c.dim_per_head
 
     def lora(name):
@@ -185,19 +189,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+  """SwiGLU (LLaMA, Mistral, Qwen): down_proj(act(gate_proj(x)) * up_proj(x)), x [B, T, D] -> [B, T, D]."""
   config: DecoderConfig
 
   @nn.compact
   def __call__(self, x):
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), use_bias=c.mlp_bias, kernel_init=_init(c))
+    kw = dict(**dtypes(c), use_bias=c.mlp_bias, kernel_init=_init(c))
     act = activation(c.hidden_act)
-    if c.is_opt:
-      y = DenseGeneral(c.intermediate_size, kernel_axes=("embed", "mlp"), name="fc1", **kw)(x)
-      y = checkpoint_name(act(y), "mlpwi")
-      y = constrain(y, ("activation_batch", "activation_length", "activation_mlp"))
-      return checkpoint_name(DenseGeneral(c.hidden_size, kernel_axes=("mlp", "embed"), name="fc2", **kw)(y),
-                             "mlpwo")
     gate = DenseGeneral(c.intermediate_size, kernel_axes=("embed", "mlp"), name="gate_proj", **kw)(x)
     up = DenseGeneral(c.intermediate_size, kernel_axes=("embed", "mlp"), name="up_proj", **kw)(x)
     y = checkpoint_name(act(gate) * up, "mlpwi")
@@ -206,8 +205,16 @@ class MLP(nn.Module):
                            "mlpwo")
 
 
+def _mlp(c: DecoderConfig, name: str) -> nn.Module:
+  """OPT's fc1 -> act -> fc2, or the SwiGLU MLP (gate/up/down_proj) of the other families."""
+  if c.is_opt:
+    return FeedForward(c.intermediate_size, c.hidden_act, use_bias=c.mlp_bias, kernel_init=_init(c), name=name,
+                       **dtypes(c))
+  return MLP(c, name=name)
+
+
 def _norm(c: DecoderConfig, name: str):
-  kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), name=name)
+  kw = dict(**dtypes(c), name=name)
   return LayerNorm(eps=c.norm_eps, **kw) if c.is_opt else RMSNorm(eps=c.norm_eps, **kw)
 
 
@@ -234,7 +241,7 @@ class DecoderLayer(nn.Module):
       h = _norm(c, "input_layernorm")(h)
     residual = h
     x = _norm(c, "post_attention_layernorm")(h) if pre else h
-    h = residual + MLP(c, name="mlp")(x)
+    h = residual + _mlp(c, "mlp")(x)
     if not pre:
       h = _norm(c, "post_attention_layernorm")(h)
     h = constrain(h, BATCH_LEN_EMBED)
@@ -247,7 +254,7 @@ class DecoderLM(nn.Module):
 
   def setup(self):
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
+    kw = dtypes(c)
     self.embed_tokens = Embed(c.vocab_size, c.embed_dim, embedding_init=_init(c), **kw)
     kw["kernel_init"] = _init(c)
     if c.is_opt:
@@ -291,11 +298,11 @@ class DecoderLM(nn.Module):
       if c.embed_dim != c.hidden_size:
         h = self.project_in(h)
       h = h + self.embed_positions(position_ids + c.position_offset)
-    h = constrain(h.astype(_dt(c.dtype)), BATCH_LEN_EMBED)
+    h = constrain(h.astype(jnp.dtype(c.dtype)), BATCH_LEN_EMBED)
     cos = sin = None
     if not c.is_opt:
       cos, sin = attn_lib.rope_cos_sin(position_ids, c.dim_per_head, c.rope_theta,
-                                       c.rope_scaling_factor, dtype=_dt(c.dtype))
+                                       c.rope_scaling_factor, dtype=jnp.dtype(c.dtype))
     flags = c.window_layers
     full = attn_lib.make_attention_mask(attention_mask, t, q_offset=cache_index, causal=True,
                                         sliding_window=c.sliding_window if all(flags) else None)
@@ -325,31 +332,14 @@ class DecoderLM(nn.Module):
       out = self.lm_head(last_hidden)
     return constrain(out, ("activation_batch", "activation_length", "activation_vocab"))
 
-  @nn.nowrap
-  def _layer_cls(self, scanned: bool):
-    return maybe_remat(DecoderLayer, self.config.remat_policy, scanned=scanned)
-
   def _layers(self, h, mask, cos, sin, cache, cache_index, deterministic, collect):
     c = self.config
-    if c.scan_layers:
-      layer = self._layer_cls(True)
-      scanned = nn.scan(layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
-                        length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      window = jnp.asarray(c.window_layers)  # [L], scanned alongside the stacked params
-      h, (new_cache, hidden) = scanned(c, deterministic, collect, name="layers")(
-          h, mask, cos, sin, cache, cache_index, window)
-      return h, new_cache, hidden
-    layer = self._layer_cls(False)
-    caches, hiddens = [], []
-    for i in range(c.num_hidden_layers):
-      lc = None if cache is None else jax.tree.map(lambda x, i=i: x[i], cache)
-      m = mask[int(c.window_layers[i])] if isinstance(mask, tuple) else mask
-      h, (nc, hid) = layer(c, deterministic, collect, name=f"layers_{i}")(h, m, cos, sin, lc, cache_index)
-      caches.append(nc)
-      hiddens.append(hid)
-    new_cache = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *caches)
-    hidden = jnp.stack(hiddens) if collect else None
+    window = jnp.asarray(c.window_layers)  # [L] per-layer flags, sliced alongside the stacked params
+    per_layer, whole = 0, nn.broadcast
+    h, (new_cache, hidden) = layer_stack(
+        DecoderLayer, (c, deterministic, collect), h, mask, cos, sin, cache, cache_index, window,
+        length=c.num_hidden_layers, scan=c.scan_layers, remat_policy=c.remat_policy, name="layers",
+        in_axes=(whole, whole, whole, per_layer, whole, per_layer), split_rngs=("params", "dropout"))
     return h, new_cache, hidden
 
 

@@ -26,17 +26,16 @@ from jaxlisa.models.blip2 import _Blip2Base
 from jaxlisa.models.eva import EVAViTConfig
 from jaxlisa.models.layers import DenseGeneral
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
-from jaxlisa.models.qformer import QFormerConfig, lm_cross_entropy
+from jaxlisa.models.config_base import ConfigMixin
+from jaxlisa.models.losses import causal_lm_cross_entropy
+from jaxlisa.models.qformer import IGNORE_INDEX, QFormerConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class MiniGPT4QwenConfig:
+class MiniGPT4QwenConfig(ConfigMixin):
   vision: EVAViTConfig = dataclasses.field(default_factory=EVAViTConfig.eva_vit_g)
   qformer: QFormerConfig = dataclasses.field(default_factory=lambda: QFormerConfig(use_text=False, lm_head=False))
-  llm: DecoderConfig = dataclasses.field(default_factory=lambda: DecoderConfig(
-      family="qwen", vocab_size=151936, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-      num_attention_heads=32, max_position_embeddings=8192, attention_bias=True, bos_token_id=None,
-      eos_token_id=151643, pad_token_id=151643))
+  llm: DecoderConfig = dataclasses.field(default_factory=DecoderConfig.qwen_7b)
   image_token_id: int = 151646  # "<|extra_0|>" in Qwen-7B-Chat's tokenizer
   max_txt_len: int = 512
   # freeze switches (minigpt4qwen.yaml defaults)
@@ -57,28 +56,11 @@ class MiniGPT4QwenConfig:
       raise ValueError("vision and LLM towers must agree on scan_layers")
     return self.vision.scan_layers
 
-  def replace(self, **kw) -> "MiniGPT4QwenConfig":
-    return dataclasses.replace(self, **kw)
-
   def with_lora(self, rank: int = 8, alpha: float = 32.0, dropout: float = 0.05,
                 targets: tuple[str, ...] = ("q_proj", "v_proj")) -> "MiniGPT4QwenConfig":
     """The original `get_lora` settings (PEFT LoraConfig on q_proj / v_proj)."""
     return self.replace(llm=self.llm.replace(lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout,
                                              lora_targets=targets))
-
-  def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "MiniGPT4QwenConfig":
-    d = dict(d)
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-      raise ValueError(f"unknown MiniGPT4QwenConfig fields {unknown}")
-    for k, c in (("vision", EVAViTConfig), ("qformer", QFormerConfig), ("llm", DecoderConfig)):
-      if isinstance(d.get(k), dict):
-        d[k] = c.from_dict(d[k])
-    return cls(**d)
 
 
 @flax.struct.dataclass
@@ -127,7 +109,7 @@ class MiniGPT4Qwen(_Blip2Base):
     placeholders). Loss: next-token CE over labels != -100 (the HF causal-LM loss)."""
     embeds, attention_mask = self.embed_inputs(pixels, input_ids, attention_mask)
     out = self.llm_model(inputs_embeds=embeds, attention_mask=attention_mask, deterministic=deterministic)
-    loss = None if labels is None else lm_cross_entropy(out.logits[:, :-1], labels[:, 1:], 0.0)
+    loss = None if labels is None else causal_lm_cross_entropy(out.logits, labels)
     return MiniGPT4QwenOutput(logits=out.logits, loss=loss)
 
 

@@ -47,9 +47,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxlisa.constants import IGNORE_INDEX
 from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models import attention as attn_lib
-from jaxlisa.models.layers import DenseGeneral, Embed, LayerNorm, activation, constrain
-
-BATCH_LEN_EMBED = ("activation_batch", "activation_length", "activation_embed")
+from jaxlisa.models.layers import BATCH_LEN_EMBED, DenseGeneral, Embed, LayerNorm, activation, constrain, dtypes
+from jaxlisa.models.losses import IGNORE_INDEX, causal_lm_cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +91,6 @@ class QFormerOutput:
   query_kv: dict | None = None  # {'k','v': [L, B, Q, N, H]} self-attention K/V of the query positions
   cache: dict | None = None  # {'k','v': [L, B, S, N, H]} text KV cache after this call
 
-
-def _dt(name: str):
-  return jnp.dtype(name)
 
 
 def self_attention_mask(b: int, q_len: int, t_len: int, *, prefix_len: int = 0,
@@ -139,7 +135,7 @@ class BertSelfAttention(nn.Module):
     (k, v) of kv_input, new cache | None).
     """
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), use_bias=True)
+    kw = dict(**dtypes(c), use_bias=True)
     n, h = c.num_attention_heads, c.head_dim
     proj = lambda name: DenseGeneral((n, h), kernel_axes=("embed", "heads", "head_dim"), name=name, **kw)
     q = checkpoint_name(proj("query")(x), "query_proj")
@@ -173,7 +169,7 @@ class DenseLayerNorm(nn.Module):
   @nn.compact
   def __call__(self, y, residual, deterministic=True):
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
+    kw = dtypes(c)
     y = DenseGeneral(c.hidden_size, in_axes=self.in_axes, kernel_axes=self.kernel_axes, use_bias=True,
                      name="dense", **kw)(y)
     y = nn.Dropout(c.hidden_dropout_prob)(y, deterministic=deterministic)
@@ -188,7 +184,7 @@ class Intermediate(nn.Module):
   def __call__(self, x):
     c = self.config
     y = DenseGeneral(c.intermediate_size, kernel_axes=("embed", "mlp"), use_bias=True, name="dense",
-                     dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))(x)
+                     **dtypes(c))(x)
     y = checkpoint_name(activation(c.hidden_act)(y), "mlpwi")
     return constrain(y, ("activation_batch", "activation_length", "activation_mlp"))
 
@@ -249,7 +245,7 @@ class BertEmbeddings(nn.Module):
 
   def setup(self):
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
+    kw = dtypes(c)
     if c.use_text:
       self.word_embeddings = Embed(c.vocab_size, c.hidden_size, **kw)
       self.position_embeddings = Embed(c.max_position_embeddings, c.hidden_size, axes=(None, "embed"), **kw)
@@ -259,7 +255,7 @@ class BertEmbeddings(nn.Module):
   def __call__(self, input_ids=None, query_embeds=None, position_offset=0, deterministic=True):
     """input_ids [B, T] (at positions position_offset + t), query_embeds [B, Q, D] -> [B, Q + T, D]."""
     c = self.config
-    parts = [] if query_embeds is None else [query_embeds.astype(_dt(c.dtype))]
+    parts = [] if query_embeds is None else [query_embeds.astype(jnp.dtype(c.dtype))]
     if input_ids is not None:
       if not c.use_text:
         raise ValueError("this Q-Former has no word embeddings (use_text=False)")
@@ -324,7 +320,7 @@ class BertModel(nn.Module):
                                causal=causal or cache is not None, q_offset=offset)
     enc = enc_mask = None
     if encoder_hidden_states is not None:
-      enc = encoder_hidden_states.astype(_dt(c.dtype))
+      enc = encoder_hidden_states.astype(jnp.dtype(c.dtype))
       em = jnp.ones(enc.shape[:2], bool) if encoder_attention_mask is None else encoder_attention_mask.astype(bool)
       enc_mask = em[:, None, None, :]
     x, query_kv, new_cache = self.encoder(x, mask, q_len, enc, enc_mask, prefix_kv, cache, offset, deterministic)
@@ -339,14 +335,14 @@ class BertLMPredictionHead(nn.Module):
   def __call__(self, h, tied_table=None):
     """h [B, T, D] -> logits [B, T, V]; tied_table [V, D] when the decoder is tied."""
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
+    kw = dtypes(c)
     x = _Transform(c, name="transform")(h)
     if c.tie_word_embeddings:
       logits = jnp.einsum("btd,vd->btv", x, tied_table.astype(x.dtype))
     else:
       logits = DenseGeneral(c.vocab_size, kernel_axes=("embed", "vocab"), name="decoder", **kw)(x)
     bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), (c.vocab_size,),
-                      _dt(c.param_dtype))
+                      jnp.dtype(c.param_dtype))
     logits = logits + bias.astype(logits.dtype)
     return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
@@ -357,7 +353,7 @@ class _Transform(nn.Module):
   @nn.compact
   def __call__(self, h):
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
+    kw = dtypes(c)
     x = DenseGeneral(c.hidden_size, kernel_axes=("embed", "mlp"), use_bias=True, name="dense", **kw)(h)
     return LayerNorm(eps=c.layer_norm_eps, name="LayerNorm", **kw)(activation(c.hidden_act)(x))
 
@@ -403,18 +399,4 @@ class QFormer(nn.Module):
     Returns (loss, logits [B, T, V])."""
     out = self.bert(input_ids, attention_mask, prefix_kv=prefix_kv, causal=True, deterministic=deterministic)
     logits = self.logits(out.last_hidden_state)
-    return lm_cross_entropy(logits[:, :-1], labels[:, 1:], label_smoothing), logits
-
-
-def lm_cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0,
-                     ignore_index: int = IGNORE_INDEX) -> jax.Array:
-  """PyTorch `CrossEntropyLoss(label_smoothing=eps, ignore_index=-100)`, mean over non-ignored
-  targets: (1 - eps) * NLL + eps * mean_c(-log p_c). logits [..., V] (fp32 math), labels [...]."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  valid = labels != ignore_index
-  safe = jnp.where(valid, labels, 0)
-  nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
-  smooth = -jnp.mean(logp, axis=-1)
-  per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
-  n = jnp.sum(valid)
-  return jnp.sum(jnp.where(valid, per_token, 0.0)) / jnp.maximum(n, 1)
+    return causal_lm_cross_entropy(logits, labels, label_smoothing), logits

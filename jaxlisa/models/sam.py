@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxlisa.models.config_base import ConfigMixin
 from jaxlisa.models import attention as attn_lib
-from jaxlisa.models.layers import DenseGeneral, Embed, LayerNorm, activation, constrain, maybe_remat
+from jaxlisa.models.layers import DenseGeneral, Embed, LayerNorm, activation, constrain, dtypes, maybe_remat
 
 HIGHEST = jax.lax.Precision.HIGHEST
 NHWC_AXES = ("activation_batch", None, None, "activation_embed")
@@ -90,6 +90,7 @@ class SamConfig(ConfigMixin):
   scan_layers: bool = False  # SAM blocks are always unrolled; the converter reads this
 
   def __post_init__(self):
+    super().__post_init__()
     if self.scan_layers:
       raise ValueError("SAM image-encoder blocks are unrolled; scan_layers must be False")
     bad = [i for i in self.global_attn_indexes if not 0 <= i < self.depth]
@@ -131,9 +132,6 @@ def tiny(**kw) -> SamConfig:
 
 PRESETS = {"vit_h": vit_h, "vit_l": vit_l, "vit_b": vit_b, "tiny": tiny}
 
-
-def _dt(name: str):
-  return jnp.dtype(name)
 
 
 # ----------------------------------------------------------------------------- interpolation
@@ -247,14 +245,14 @@ def _conv(c: SamConfig, features: int, kernel: int, stride: int = 1, padding: in
           name: str | None = None) -> nn.Conv:
   """PyTorch Conv2d (NHWC, HWIO kernel)."""
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((padding, padding),) * 2,
-                 use_bias=use_bias, dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), precision=None,
+                 use_bias=use_bias, **dtypes(c), precision=None,
                  kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
                                                           ("conv_height", "conv_width", "conv_in", "conv_out")),
                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)), name=name)
 
 
 def _ln(eps: float, c: SamConfig, name: str | None = None) -> LayerNorm:
-  return LayerNorm(eps=eps, dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), name=name)
+  return LayerNorm(eps=eps, **dtypes(c), name=name)
 
 
 class Activation(nn.Module):
@@ -296,7 +294,7 @@ class MLPBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=_dt(self.config.dtype), param_dtype=_dt(self.config.param_dtype), use_bias=True)
+    kw = dict(**dtypes(self.config), use_bias=True)
     y = DenseGeneral(self.mlp_dim, kernel_axes=("embed", "mlp"), name="lin1", **kw)(x)
     y = activation(self.act)(y)
     return DenseGeneral(x.shape[-1], kernel_axes=("mlp", "embed"), name="lin2", **kw)(y)
@@ -311,7 +309,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=_dt(self.config.dtype), param_dtype=_dt(self.config.param_dtype), use_bias=True)
+    kw = dict(**dtypes(self.config), use_bias=True)
     for j in range(self.num_layers):
       last = j == self.num_layers - 1
       x = DenseGeneral(self.output_dim if last else self.hidden_dim, kernel_axes=("embed", "mlp"),
@@ -378,7 +376,7 @@ class EncoderAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
+    kw = dtypes(c)
     n, d = c.num_heads, c.embed_dim // c.num_heads
     b, h, w, _ = x.shape
     qkv = DenseGeneral((3, n, d), kernel_axes=("embed", None, "heads", "head_dim"), use_bias=c.qkv_bias,
@@ -387,8 +385,8 @@ class EncoderAttention(nn.Module):
     bias = None
     if c.use_rel_pos:
       init = nn.with_logical_partitioning(nn.initializers.zeros, (None, "head_dim"))
-      rel_h = self.param("rel_pos_h", init, (2 * self.input_size[0] - 1, d), _dt(c.param_dtype))
-      rel_w = self.param("rel_pos_w", init, (2 * self.input_size[1] - 1, d), _dt(c.param_dtype))
+      rel_h = self.param("rel_pos_h", init, (2 * self.input_size[0] - 1, d), jnp.dtype(c.param_dtype))
+      rel_w = self.param("rel_pos_w", init, (2 * self.input_size[1] - 1, d), jnp.dtype(c.param_dtype))
       bias = decomposed_rel_pos_bias(q, rel_h, rel_w, (h, w), (h, w))
     out = attn_lib.dot_product_attention(q, k, v, bias=bias, scale=d ** -0.5, impl=c.attention_impl)
     out = out.reshape(b, h, w, n, d)
@@ -436,12 +434,12 @@ class ImageEncoderViT(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
-    x = PatchEmbed(c, name="patch_embed")(x.astype(_dt(c.dtype)))
+    x = PatchEmbed(c, name="patch_embed")(x.astype(jnp.dtype(c.dtype)))
     gh, gw = x.shape[1:3]
     if c.use_abs_pos:
       g = c.image_embedding_size
       pos = self.param("pos_embed", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, None, "embed")),
-                       (1, g, g, c.embed_dim), _dt(c.param_dtype))
+                       (1, g, g, c.embed_dim), jnp.dtype(c.param_dtype))
       if (gh, gw) != (g, g):
         wy = jnp.asarray(cubic_resize_matrix(g, gh), jnp.float32)
         wx = jnp.asarray(cubic_resize_matrix(g, gw), jnp.float32)
@@ -503,9 +501,9 @@ class PromptEncoder(nn.Module):
 
   def setup(self):
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype))
+    kw = dtypes(c)
     emb = lambda: Embed(1, c.prompt_embed_dim, axes=(None, "embed"), **kw)  # noqa: E731
-    self.pe_layer = PositionEmbeddingRandom(c.prompt_embed_dim // 2, c.pe_scale, _dt(c.param_dtype))
+    self.pe_layer = PositionEmbeddingRandom(c.prompt_embed_dim // 2, c.pe_scale, jnp.dtype(c.param_dtype))
     self.point_embeddings = [emb() for _ in range(4)]  # pos/neg point, box corners
     self.not_a_point_embed = emb()
     self.no_mask_embed = emb()
@@ -529,7 +527,7 @@ class PromptEncoder(nn.Module):
 
   def get_dense_pe(self) -> jax.Array:
     """Positional encoding of the image-embedding grid: [1, h, w, C]."""
-    return self.pe_layer(self.image_embedding_size)[None].astype(_dt(self.config.dtype))
+    return self.pe_layer(self.image_embedding_size)[None].astype(jnp.dtype(self.config.dtype))
 
   def _embed_points(self, points: jax.Array, labels: jax.Array, pad: bool) -> jax.Array:
     """points [B, N, 2] (x, y pixels), labels [B, N] (1 fg, 0 bg, -1 not a point) -> [B, N(+1), C]."""
@@ -555,7 +553,7 @@ class PromptEncoder(nn.Module):
 
   def _embed_masks(self, masks: jax.Array) -> jax.Array:
     """masks [B, 4h, 4w, 1] (low-res mask logits) -> [B, h, w, C]."""
-    x = masks.astype(_dt(self.config.dtype))
+    x = masks.astype(jnp.dtype(self.config.dtype))
     for layer in self.mask_downscaling:
       x = layer(x)
     return x
@@ -568,7 +566,7 @@ class PromptEncoder(nn.Module):
     then `text_embeds` [B, k, C] as they are: LISA's [SEG] projections) and dense [B, h, w, C]
     (the embedded mask, or `no_mask_embed` broadcast)."""
     c = self.config
-    dt = _dt(c.dtype)
+    dt = jnp.dtype(c.dtype)
     if self.is_initializing():  # create every parameter whatever prompts init sees
       self._embed_boxes(jnp.zeros((1, 4)))
       self._embed_points(jnp.zeros((1, 1, 2)), jnp.zeros((1, 1), jnp.int32), True)
@@ -602,7 +600,7 @@ class DecoderAttention(nn.Module):
   def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """q [B, Tq, C], k/v [B, Tk, C] -> [B, Tq, C]."""
     c = self.config
-    kw = dict(dtype=_dt(c.dtype), param_dtype=_dt(c.param_dtype), use_bias=True)
+    kw = dict(**dtypes(c), use_bias=True)
     n = c.decoder_num_heads
     d = c.prompt_embed_dim // self.downsample_rate // n
     proj = lambda name: DenseGeneral((n, d), kernel_axes=("embed", "heads", "head_dim"), name=name, **kw)  # noqa
@@ -671,8 +669,8 @@ class MaskDecoder(nn.Module):
     Returns masks [N, M | 1, 4h, 4w] and iou_pred [N, M | 1].
     """
     c = self.config
-    dt = _dt(c.dtype)
-    kw = dict(dtype=dt, param_dtype=_dt(c.param_dtype))
+    dt = jnp.dtype(c.dtype)
+    kw = dict(dtype=dt, param_dtype=jnp.dtype(c.param_dtype))
     ch = c.prompt_embed_dim
     n = sparse_prompt_embeddings.shape[0]
     b_img, h, w, _ = image_embeddings.shape

@@ -1,4 +1,4 @@
-"""Next-token LM on the synthetic shapes corpus (jaxlisa/data/text.py), from scratch.
+"""Next-token LM on the synthetic shapes corpus (jaxlisa/data/synthetic_text.py), from scratch.
 
 config.model: DecoderConfig fields; config.data: seed, num_train, num_eval, seq_len, vocab_size
 (the tokenizer's target size, <= model.vocab_size), tokenizer_docs (documents it is trained on).
@@ -12,24 +12,22 @@ import os
 
 import jax
 import jax.numpy as jnp
-import optax
 from absl import logging
 
-from jaxlisa.data import text
+from jaxlisa.data import synthetic_text as text
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
+from jaxlisa.models.losses import IGNORE_INDEX, causal_lm_cross_entropy
 from jaxlisa.training.task import TaskBase
 
 
 def next_token_loss(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, dict]:
   """logits [B, T, V] predict input_ids [B, T] shifted by one; mean CE over real target tokens.
   Returns (loss, {'weight': #targets, 'accuracy'})."""
-  logits = logits[:, :-1].astype(jnp.float32)
+  loss = causal_lm_cross_entropy(logits, jnp.where(attention_mask > 0, input_ids, IGNORE_INDEX))
   targets, w = input_ids[:, 1:], attention_mask[:, 1:].astype(jnp.float32)
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   n = w.sum()
-  denom = jnp.maximum(n, 1.0)
-  acc = ((jnp.argmax(logits, -1) == targets) * w).sum() / denom
-  return (nll * w).sum() / denom, {"weight": n, "accuracy": acc}
+  acc = ((jnp.argmax(logits[:, :-1], -1) == targets) * w).sum() / jnp.maximum(n, 1.0)
+  return loss, {"weight": n, "accuracy": acc}
 
 
 class Task(TaskBase):

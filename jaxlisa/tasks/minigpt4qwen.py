@@ -34,7 +34,7 @@ from jaxlisa.data import chatml, image_text, synthetic_captions
 from jaxlisa.models import minigpt4qwen as m4q
 from jaxlisa.tasks import model_config
 from jaxlisa.tasks.blip2 import CaptionDataTask, convert_part, convert_whole, fit_to
-from jaxlisa.training import optimizer as optim_lib
+from jaxlisa.training import partition
 
 
 def _resolve_ids(d: dict, tokenizer) -> None:
@@ -130,7 +130,7 @@ class Task(CaptionDataTask):
 
   def trainable_mask(self, params):
     pats = tuple(self.config.trainable) or tuple(trainable_patterns(self.model_config))
-    return optim_lib.trainable_mask(params, pats, tuple(self.config.frozen))
+    return partition.trainable_mask(params, pats, tuple(self.config.frozen))
 
   def pretrained(self):
     init, c = self.config.init, self.model_config

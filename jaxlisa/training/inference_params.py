@@ -20,7 +20,7 @@ from flax import traverse_util
 
 from jaxlisa import parallel
 from jaxlisa.training import checkpoints as ckpt_lib
-from jaxlisa.training import optimizer as optim_lib
+from jaxlisa.training import partition
 
 
 class NoWeightsError(RuntimeError):
@@ -67,9 +67,9 @@ def task_params(task, config, workdir: str, mesh, rules, which: str = "latest") 
 
   def init(r):
     params = nn.meta.unbox(task.init(jax.random.split(r)[0]))  # the trainer's init key
-    trained, frozen = optim_lib.split(params, mask)
-    return optim_lib.merge(optim_lib.cast_floats(trained, config.master_dtype),
-                           optim_lib.cast_floats(frozen, config.frozen_dtype))
+    trained, frozen = partition.split(params, mask)
+    return partition.merge(partition.cast_floats(trained, config.master_dtype),
+                           partition.cast_floats(frozen, config.frozen_dtype))
 
   with parallel.use(mesh, rules):
     params = jax.jit(init, out_shardings=shardings)(rng)
@@ -79,7 +79,7 @@ def task_params(task, config, workdir: str, mesh, rules, which: str = "latest") 
   found = ckpt_lib.find_params(workdir, which)
   step = 0
   if found is not None and found[1] > 0:
-    trained, _ = optim_lib.split(params, mask)
+    trained, _ = partition.split(params, mask)
     restored, step = ckpt_lib.restore_params(workdir, ckpt_lib.abstract(trained), which=which)
     params = place(params, restored)
   return params, step

@@ -16,16 +16,12 @@ import jax.numpy as jnp
 import optax
 
 from jaxlisa.constants import IGNORE_INDEX
+from jaxlisa.models.losses import causal_lm_cross_entropy
 
 
 def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """logits [..., T, V], labels [..., T] -> (mean CE over supervised next tokens, #tokens)."""
-  logits = logits[..., :-1, :].astype(jnp.float32)
-  targets = labels[..., 1:]
-  w = targets != IGNORE_INDEX
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(w, targets, 0))
-  n = w.sum()
-  return jnp.where(n > 0, (nll * w).sum() / jnp.maximum(n, 1), 0.0), n
+  return causal_lm_cross_entropy(logits, labels), (labels[..., 1:] != IGNORE_INDEX).sum()
 
 
 def valid_region(orig_hw: jax.Array, shape: tuple[int, int]) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Optimizer, learning-rate schedules, the trainable mask and gradient accumulation.
+"""Optimizer and learning-rate schedules (the trainable mask is in partition.py, gradient
+accumulation in accumulation.py).
 
 The official LISA recipe (DeepSpeed): AdamW(lr=3e-4, betas=(0.9, 0.95), weight_decay=0),
 WarmupDecayLR (linear warmup 0 -> lr over 100 steps, then linear decay to 0 at the last step),
@@ -8,14 +9,10 @@ gradient clipping at global norm 1.0, 10 microbatches per step. All of it is `co
 from __future__ import annotations
 
 import math
-import re
-from typing import Any, Callable, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
 
 SCHEDULES = ("warmup_decay", "cosine", "constant")
 
@@ -74,101 +71,6 @@ def make_optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule
   return optax.chain(*parts), schedule
 
 
-# ----------------------------------------------------------------------------------------------
-# Trainable mask: split params into a trained and a frozen subtree (disjoint leaves, nested dicts).
-
-def path_str(path: tuple) -> str:
-  return "/".join(str(k) for k in path)
-
-
-def trainable_mask(params: Any, trainable: Sequence[str] = (".*",), frozen: Sequence[str] = ()) -> Any:
-  """Tree of bools like `params`: True where '/'-joined path fully matches a `trainable` regex and
-  no `frozen` regex. A regex that matches no parameter is an error (it is almost always a typo)."""
-  flat = traverse_util.flatten_dict(params)
-  paths = {k: path_str(k) for k in flat}
-  for pattern in (*trainable, *frozen):
-    if not any(re.fullmatch(pattern, p) for p in paths.values()):
-      sample = ", ".join(sorted(paths.values())[:8])
-      raise ValueError(f"trainable/frozen regex {pattern!r} matches no parameter (paths look like: {sample}, ...)")
-  def is_trained(p):
-    return any(re.fullmatch(t, p) for t in trainable) and not any(re.fullmatch(f, p) for f in frozen)
-  return traverse_util.unflatten_dict({k: is_trained(p) for k, p in paths.items()})
-
-
-def split(params: Any, mask: Any) -> tuple[dict, dict]:
-  """(trained, frozen) nested dicts holding the leaves where `mask` is True / False."""
-  flat, flat_mask = traverse_util.flatten_dict(params), traverse_util.flatten_dict(mask)
-  trained = {k: v for k, v in flat.items() if flat_mask[k]}
-  frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
-  return traverse_util.unflatten_dict(trained), traverse_util.unflatten_dict(frozen)
-
-
-def merge(trained: Any, frozen: Any) -> dict:
-  """Inverse of `split`."""
-  flat = dict(traverse_util.flatten_dict(frozen))
-  flat.update(traverse_util.flatten_dict(trained))
-  return traverse_util.unflatten_dict(flat)
-
-
-def cast_floats(tree: Any, dtype: str | None) -> Any:
-  """Cast floating leaves (boxed or not) to `dtype`; '' or None keeps them."""
-  if not dtype:
-    return tree
-  dt = jnp.dtype(dtype)
-  return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
-
-
-def count_params(tree: Any) -> int:
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(tree)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Gradients over microbatches.
-
-LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
-
-
-def grads_and_metrics(loss_fn: LossFn, params: Any, batch: dict, rng: jax.Array,
-                      num_microbatches: int = 1) -> tuple[Any, dict]:
-  """Gradient of the weighted mean loss over `num_microbatches` slices of `batch`.
-
-  loss_fn(params, batch, rng) -> (loss, aux); aux may hold 'weight' (e.g. the number of target
-  tokens; default 1) and other scalar metrics. The objective is sum_i w_i loss_i / sum_i w_i, so
-  token-weighted losses over k microbatches equal the loss over the whole batch; without weights
-  each microbatch counts the same (DeepSpeed's gradient accumulation). Microbatch i holds rows
-  i, i + k, i + 2k, ... so every batch shard contributes to every microbatch.
-  Returns (grads in float32 like `params`, metrics {loss, weight, **aux} weighted means).
-  """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def one(mb, r):
-    (loss, aux), g = grad_fn(params, mb, r)
-    aux = dict(aux)
-    w = jnp.asarray(aux.pop("weight", 1.0), jnp.float32)
-    g = jax.tree.map(lambda x: x.astype(jnp.float32) * w, g)
-    sums = {"loss": loss.astype(jnp.float32) * w, **{k: jnp.asarray(v, jnp.float32) * w for k, v in aux.items()}}
-    return g, sums, w
-
-  k = num_microbatches
-  if k == 1:
-    g, sums, w = one(batch, rng)
-  else:
-    def to_micro(x):
-      if x.shape[0] % k:
-        raise ValueError(f"batch dim {x.shape[0]} does not split into {k} microbatches")
-      x = x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
-      return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
-    micro = jax.tree.map(to_micro, batch)
-    rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(k))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                         jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro), rng))
-
-    def body(carry, xs):
-      return jax.tree.map(jnp.add, carry, one(*xs)), None
-
-    (g, sums, w), _ = jax.lax.scan(body, zeros, (micro, rngs))
-  w_safe = jnp.maximum(w, 1e-12)
-  grads = jax.tree.map(lambda x: x / w_safe, g)
-  metrics = {name: v / w_safe for name, v in sums.items()}
-  metrics["weight"] = w
-  return grads, metrics
+# Moved to partition.py / accumulation.py; still read here by trainer.py and tasks/__init__.py.
+from jaxlisa.training.accumulation import grads_and_metrics  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
+from jaxlisa.training.partition import cast_floats, count_params, merge, split, trainable_mask  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import

@@ -7,7 +7,7 @@ from typing import Any
 import flax.struct
 import jax
 
-from jaxlisa.training import optimizer as optim_lib
+from jaxlisa.training import partition
 
 
 @flax.struct.dataclass
@@ -23,7 +23,7 @@ class TrainState:
   @property
   def params(self) -> dict:
     """The full parameter tree."""
-    return optim_lib.merge(self.trainable, self.frozen)
+    return partition.merge(self.trainable, self.frozen)
 
   def saved(self) -> dict:
     """What a checkpoint holds: everything but the frozen params (the task's init rebuilds those)."""

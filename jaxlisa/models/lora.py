@@ -1,4 +1,5 @@
-"""LoRA merge for export: kernel += A @ B * (alpha / r), then the adapters are dropped.
+"""LoRA merge: kernel += A @ B * (alpha / r), then the adapters are dropped (the export of a
+LoRA-trained model; `conversion.lisa.export_lisa` and `conversion.convert.export_checkpoint` call it).
 
 Adapters live next to their kernel (`.../q_proj/{kernel, lora_a, lora_b}`, see
 models/layers.DenseGeneral): lora_a [*S, *in, r], lora_b [*S, r, *out], kernel [*S, *in, *out],
@@ -13,7 +14,8 @@ import numpy as np
 
 
 def merge_lora(params: Mapping[str, Any], alpha: float, rank: int) -> dict:
-  """A copy of `params` with every LoRA adapter folded into its kernel (numpy, float32 math)."""
+  """A copy of `params` with every LoRA adapter folded into its kernel (numpy, float32 math), so
+  the plain layer computes what `DenseGeneral` computes with the adapter (dropout off)."""
   out = {}
   for k, v in params.items():
     if isinstance(v, Mapping):
