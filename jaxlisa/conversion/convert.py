@@ -48,16 +48,88 @@ class Converted:
   params: dict  # nested numpy arrays
 
 
+# A weight with |value| above this is reported as out of range (a warning; `strict` refuses):
+# trained weights stay far below it, garbage bytes read as floats (up to ~3e38) do not.
+MAX_ABS_WEIGHT = 1e4
+
+
+class WeightCheck:
+  """Reads tensors for `convert_state` through `source` and checks each one: an integer or bool
+  tensor where a float parameter is expected is a CheckpointError at once; non-finite values are
+  collected and refused at the end (allow_nonfinite: a warning), values beyond MAX_ABS_WEIGHT are
+  a warning (strict: refused)."""
+
+  def __init__(self, source, src: str, allow_nonfinite: bool = False, strict: bool = False):
+    self.source, self.src, self.allow_nonfinite, self.strict = source, src, allow_nonfinite, strict
+    self.nonfinite: list[str] = []
+    self.out_of_range: list[str] = []
+
+  def keys(self):
+    return self.source.keys()
+
+  def __len__(self):
+    return len(self.source)
+
+  def __contains__(self, k):
+    return k in self.source
+
+  def get(self, k: str) -> np.ndarray:
+    x = np.asarray(self.source.get(k) if hasattr(self.source, "get") else self.source[k])
+    if x.dtype == np.bool_ or np.issubdtype(x.dtype, np.integer):
+      raise CheckpointError(f"{self.src}: tensor {k} is {x.dtype}, where a floating-point weight is expected")
+    if x.size:
+      finite = np.isfinite(x)
+      if not finite.all():
+        self.nonfinite.append(f"{k} ({int(x.size - finite.sum())} of {x.size} values NaN/Inf)")
+      else:
+        amax = float(max(abs(float(x.max())), abs(float(x.min()))))
+        if amax > MAX_ABS_WEIGHT:
+          self.out_of_range.append(f"{k} (|max| {amax:.3g})")
+    return x
+
+  def finish(self) -> None:
+    """Raise or warn for what `get` found (after every tensor was read)."""
+    def listing(items):
+      return ", ".join(items[:5]) + (f" and {len(items) - 5} more" if len(items) > 5 else "")
+    if self.nonfinite:
+      msg = f"{self.src}: non-finite weights in {len(self.nonfinite)} tensor(s): {listing(self.nonfinite)}"
+      if not self.allow_nonfinite:
+        raise CheckpointError(msg + " (--allow_nonfinite converts anyway)")
+      logging.warning("%s", msg)
+    if self.out_of_range:
+      msg = (f"{self.src}: {len(self.out_of_range)} tensor(s) with values beyond {MAX_ABS_WEIGHT:g}, "
+             f"possibly corrupt: {listing(self.out_of_range)}")
+      if self.strict:
+        raise CheckpointError(msg + " (refused by --strict)")
+      logging.warning("%s", msg)
+
+
+def _check_overrides(model_config, overrides: dict) -> None:
+  names = [f.name for f in dataclasses.fields(model_config)] if dataclasses.is_dataclass(model_config) else []
+  unknown = [k for k in overrides if k not in names]
+  if unknown:
+    import difflib  # pylint: disable=import-outside-toplevel
+    close = sorted({c for k in unknown for c in difflib.get_close_matches(k, names, n=3)})
+    raise CheckpointError(f"unknown config override(s) {', '.join(unknown)} for {type(model_config).__name__}"
+                          + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
 def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float32",
-                       config_overrides: dict | None = None, progress=None) -> Converted:
+                       config_overrides: dict | None = None, progress=None, *,
+                       allow_nonfinite: bool = False, strict: bool = False) -> Converted:
   """Read a PyTorch/HF checkpoint (file or directory) into jaxlisa params (numpy, in memory).
 
   config_overrides: model-config fields replacing what was read or assumed (e.g. SAM's
   {"decoder_num_heads": 4}, which a .pth cannot say); a family whose config_from_hf takes
-  `overrides` sees them while it reads the shapes."""
+  `overrides` sees them while it reads the shapes. Every tensor is checked (WeightCheck):
+  integer dtypes and NaN/Inf are refused (allow_nonfinite: NaN/Inf only warned about), values
+  beyond MAX_ABS_WEIGHT warned about (strict: refused)."""
   source = open_checkpoint(src)
   cfg_json = read_config_json(src)
-  fam = registry.get_family(family) if family else registry.detect_family(cfg_json, source.keys())
+  try:
+    fam = registry.get_family(family) if family else registry.detect_family(cfg_json, source.keys())
+  except (CheckpointError, KeyError, ValueError) as e:
+    raise CheckpointError(f"{src}: {e}") from None
   if fam.open_source is not None:
     source = fam.open_source(src)
   if config_overrides and "overrides" in inspect.signature(fam.config_from_hf).parameters:
@@ -67,11 +139,14 @@ def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float3
     model_config = fam.config_from_hf(cfg_json, source)
   model_config = _generation_ids(model_config, src)
   if config_overrides:
+    _check_overrides(model_config, config_overrides)
     model_config = dataclasses.replace(model_config, **config_overrides)
   expected = registry.abstract_params(fam, model_config)
   scan = getattr(model_config, "scan_layers", True)
-  params = convert_state(source, fam.rules(model_config, source.keys()), expected, scan=scan,
+  checked = WeightCheck(source, src, allow_nonfinite=allow_nonfinite, strict=strict)
+  params = convert_state(checked, fam.rules(model_config, source.keys()), expected, scan=scan,
                          dtype=_np_dtype(dtype), skip=fam.skip, keep_dtype=fam.keep_fp32, progress=progress)
+  checked.finish()
   logging.info("converted %d tensors of %s as family %s", len(source), src, fam.name)
   return Converted(fam.name, model_config, params)
 
@@ -98,16 +173,72 @@ def _generation_ids(model_config, src: str):
   return dataclasses.replace(model_config, **changes) if changes else model_config
 
 
+TMP_OWNER_FILE = ".jaxlisa-owner"  # "<host> <pid>" of the conversion writing a temporary folder
+
+
+def _tmp_prefix(dst: str) -> str:
+  return ".tmp-" + os.path.basename(dst) + "-"
+
+
+def clean_stale_tmp(dst: str) -> list[str]:
+  """Remove the temporary folders of earlier conversions to `dst` that died (kill -9) before their
+  rename: `.tmp-<dst>-XXXXXXXX` siblings whose owner process (same host) is gone, or which have
+  no owner file and are older than an hour. Returns the removed paths."""
+  import re  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  parent = os.path.dirname(os.path.abspath(dst))
+  pattern = re.compile(re.escape(_tmp_prefix(dst)) + r"[A-Za-z0-9_]{8}$")
+  removed = []
+  try:
+    names = os.listdir(parent)
+  except OSError:
+    return removed
+  for name in names:
+    path = os.path.join(parent, name)
+    if not pattern.match(name) or not os.path.isdir(path) or os.path.islink(path):
+      continue
+    try:
+      with open(os.path.join(path, TMP_OWNER_FILE)) as fh:
+        host, pid = fh.read().split()
+      if host != socket.gethostname():
+        continue  # another machine's conversion on a shared filesystem: not ours to judge
+      try:
+        os.kill(int(pid), 0)
+        continue  # still running
+      except ProcessLookupError:
+        pass
+      except PermissionError:
+        continue  # alive, another user's
+    except (OSError, ValueError):
+      if time.time() - os.path.getmtime(path) < 3600:
+        continue  # no owner yet (just created) or unreadable: leave it unless old
+    shutil.rmtree(path, ignore_errors=True)
+    logging.warning("removed %s, left by an interrupted conversion", path)
+    removed.append(path)
+  return removed
+
+
 def save_converted(dst: str, conv: Converted, source_dir: str | None = None, overwrite: bool = False) -> str:
-  """Write `conv` to `dst` atomically (temporary sibling directory, renamed at the end)."""
+  """Write `conv` to `dst` atomically (temporary sibling directory, renamed at the end); the
+  temporary folders of earlier conversions to `dst` that were killed are removed first."""
+  import socket  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   dst = os.path.abspath(dst)
+  if os.path.exists(dst) and not os.path.isdir(dst):
+    raise CheckpointError(f"destination {dst} exists and is not a folder")
   if os.path.exists(dst) and not overwrite:
     if os.listdir(dst):
       raise CheckpointError(f"destination {dst} exists and is not empty (pass --overwrite)")
   parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(dst) + "-", dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    clean_stale_tmp(dst)
+    tmp = tempfile.mkdtemp(prefix=_tmp_prefix(dst), dir=parent)
+    with open(os.path.join(tmp, TMP_OWNER_FILE), "w") as fh:
+      fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+  except OSError as e:
+    raise CheckpointError(f"cannot write {dst}: {e.strerror or e}") from None
   try:
     meta = {"format": FORMAT_VERSION, "family": conv.family, "config": conv.config.to_dict(),
             "source": source_dir}
@@ -123,6 +254,7 @@ def save_converted(dst: str, conv: Converted, source_dir: str | None = None, ove
       for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(sdir, name)):
           shutil.copy2(os.path.join(sdir, name), os.path.join(tmp, name))
+    os.remove(os.path.join(tmp, TMP_OWNER_FILE))
     if os.path.exists(dst):
       shutil.rmtree(dst)
     os.replace(tmp, dst)
@@ -130,6 +262,11 @@ def save_converted(dst: str, conv: Converted, source_dir: str | None = None, ove
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return dst
+
+
+def build_module(conv: Converted):
+  """The linen module of a conversion (for --verify on the in-memory params)."""
+  return registry.get_family(conv.family).build(conv.config)
 
 
 def is_converted(path: str) -> bool:

@@ -242,8 +242,10 @@ def _rules(c: LisaConfig, keys: Sequence[str] = ()) -> list[Rule]:
 
 def convert_lisa(src: str, clip_src: str | None = None, seg_token_idx: int | None = None,
                  dtype: str = "float32", sam_overrides: dict | None = None,
-                 config_overrides: dict | None = None, progress=None):
+                 config_overrides: dict | None = None, progress=None, *, allow_nonfinite: bool = False,
+                 strict: bool = False):
   """Official LISA checkpoint (file or directory) -> convert.Converted("lisa", LisaConfig, params).
+  Tensors are checked as convert_checkpoint checks them (convert.WeightCheck).
 
   clip_src: CLIP checkpoint directory (HF CLIPVisionModel / CLIPModel); needed unless the
   checkpoint holds a tower or config.json's vision_tower is a local directory.
@@ -257,9 +259,11 @@ def convert_lisa(src: str, clip_src: str | None = None, seg_token_idx: int | Non
     config = dataclasses.replace(config, **config_overrides)
   fam = registry.get_family("lisa")
   expected = registry.abstract_params(fam, config)
-  params = convert_state(source, lisa_rules(config, source.keys()), expected, scan=config.llava.text.scan_layers,
+  checked = convert.WeightCheck(source, src, allow_nonfinite=allow_nonfinite, strict=strict)
+  params = convert_state(checked, lisa_rules(config, source.keys()), expected, scan=config.llava.text.scan_layers,
                          dtype=convert._np_dtype(dtype), skip=SKIP,  # pylint: disable=protected-access
                          keep_dtype=KEEP_FP32, progress=progress)
+  checked.finish()
   logging.info("converted %d tensors of %s (clip: %s) as LISA", len(source), src, clip_src)
   return convert.Converted("lisa", config, params)
 
