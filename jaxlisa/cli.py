@@ -142,8 +142,15 @@ def help_text(prog: str, spec: str, config) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _fail(prog: str, msg: str, code: int = 2) -> None:
+def _fail(prog: str, msg: str, code: int = 2, hard: bool = False) -> None:
+  """The one error line, then exit `code`. hard: skip the interpreter's teardown (os._exit), where
+  orbax's background threads would otherwise print 'Event loop is closed' tracebacks after it."""
   sys.stderr.write(f"{prog}: error: {msg}\n")
+  if hard:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    py_logging.shutdown()  # flush the absl log file
+    os._exit(code)  # pylint: disable=protected-access
   sys.exit(code)
 
 
@@ -180,12 +187,12 @@ def _fail_on(prog: str, e: BaseException) -> None:
   from jaxlisa.training.trainer import NonFiniteError  # pylint: disable=import-outside-toplevel
   msg = " ".join(str(e).split()) or type(e).__name__
   if isinstance(e, (cfg_lib.ConfigError, CheckpointError, NoWeightsError, NonFiniteError)):
-    _fail(prog, msg)
+    _fail(prog, msg, hard=True)
   if isinstance(e, OSError) and getattr(e, "filename", None):
-    _fail(prog, f"{e.filename}: {e.strerror or msg}")
+    _fail(prog, f"{e.filename}: {e.strerror or msg}", hard=True)
   if isinstance(e, (ValueError, OSError, KeyError)):  # the library's own error classes say what they are
-    _fail(prog, f"{type(e).__name__}: {msg}" if type(e).__module__ == "builtins" else msg)
-  _fail(prog, f"internal error {type(e).__name__}: {msg} (--debug shows the traceback)", code=1)
+    _fail(prog, f"{type(e).__name__}: {msg}" if type(e).__module__ == "builtins" else msg, hard=True)
+  _fail(prog, f"internal error {type(e).__name__}: {msg} (--debug shows the traceback)", code=1, hard=True)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
