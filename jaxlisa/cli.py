@@ -12,6 +12,10 @@ only (jaxlisa/training/inference_params.py) and refuse to run on random weights 
 
 `--config configs/x.py` is a path relative to the working directory; when no such file exists there
 the packaged configs (installed next to jaxlisa by `pip install .`) are used.
+
+A bad input (config file, field value, workdir, checkpoint of another model, image, prompt) ends
+with exit 2 and one line on stderr, `main.py: error: ...`; any other failure with exit 1 and one
+line. `--debug` (or JAXLISA_DEBUG=1) shows the full Python traceback instead.
 """
 
 from __future__ import annotations
@@ -53,8 +57,17 @@ class _QuietTpuProbe(py_logging.Filter):
     return not str(record.msg).startswith("Unable to initialize backend")
 
 
+class _QuietLongPrompt(py_logging.Filter):
+  """Drop transformers' 'Token indices sequence length is longer than ...' warning: segment checks
+  prompt lengths against the model's context itself (one error line, before loading weights)."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith("Token indices sequence length")
+
+
 def quiet_logs() -> None:
   py_logging.getLogger("jax._src.xla_bridge").addFilter(_QuietTpuProbe())
+  py_logging.getLogger("transformers.tokenization_utils_base").addFilter(_QuietLongPrompt())
 
 
 def resolve_config_path(path: str) -> str:
@@ -115,6 +128,8 @@ def help_text(prog: str, spec: str, config) -> str:
             f"  {'--config FILE.py[:ARG]':<{width}}  config file (default {os.path.relpath(DEFAULT_CONFIG)}); "
             "relative to the working directory, else the packaged configs/",
             f"  {'--workdir DIR':<{width}}  run directory (default ./{default_workdir(spec)})",
+            f"  {'--debug':<{width}}  a failure shows its Python traceback (also JAXLISA_DEBUG=1); "
+            "otherwise one line, exit 2 for bad input",
             "", f"main fields of {spec} (any field: --config.a.b=VALUE; an unknown key is an error):"]
   for k in HELP_FIELDS:
     if k in values:
@@ -127,9 +142,57 @@ def help_text(prog: str, spec: str, config) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _fail(prog: str, msg: str) -> None:
+def _fail(prog: str, msg: str, code: int = 2, hard: bool = False) -> None:
+  """The one error line, then exit `code`. hard: skip the interpreter's teardown (os._exit), where
+  orbax's background threads would otherwise print 'Event loop is closed' tracebacks after it."""
   sys.stderr.write(f"{prog}: error: {msg}\n")
-  sys.exit(2)
+  if hard:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    py_logging.shutdown()  # flush the absl log file
+    os._exit(code)  # pylint: disable=protected-access
+  sys.exit(code)
+
+
+DEBUG_ENV = "JAXLISA_DEBUG"
+_LOG_FILE = []  # non-empty once absl logs to workdir/main.INFO
+
+
+def debug() -> bool:
+  """--debug / JAXLISA_DEBUG=1: failures raise with their traceback instead of one line."""
+  return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _take_debug_flag(argv: list[str]) -> list[str]:
+  """argv without --debug (which sets JAXLISA_DEBUG=1 for this process)."""
+  out = []
+  for i, tok in enumerate(argv):
+    if tok == "--":
+      return out + argv[i:]
+    if i and tok in ("--debug", "-debug"):
+      os.environ[DEBUG_ENV] = "1"
+      continue
+    out.append(tok)
+  return out
+
+
+def _fail_on(prog: str, e: BaseException) -> None:
+  """One line for an exception: exit 2 for bad input (ValueError, OSError, the library's input
+  errors), 1 for anything else; the traceback goes to the absl log (workdir/main.INFO)."""
+  if _LOG_FILE:  # the console gets the one line; the log file (INFO: not echoed) keeps the traceback
+    import traceback  # pylint: disable=import-outside-toplevel
+    logging.info("failed:\n%s", "".join(traceback.format_exception(e)))
+  from jaxlisa.training.checkpoints import CheckpointError  # pylint: disable=import-outside-toplevel
+  from jaxlisa.training.inference_params import NoWeightsError  # pylint: disable=import-outside-toplevel
+  from jaxlisa.training.trainer import NonFiniteError  # pylint: disable=import-outside-toplevel
+  msg = " ".join(str(e).split()) or type(e).__name__
+  if isinstance(e, (cfg_lib.ConfigError, CheckpointError, NoWeightsError, NonFiniteError)):
+    _fail(prog, msg, hard=True)
+  if isinstance(e, OSError) and getattr(e, "filename", None):
+    _fail(prog, f"{e.filename}: {e.strerror or msg}", hard=True)
+  if isinstance(e, (ValueError, OSError, KeyError)):  # the library's own error classes say what they are
+    _fail(prog, f"{type(e).__name__}: {msg}" if type(e).__module__ == "builtins" else msg, hard=True)
+  _fail(prog, f"internal error {type(e).__name__}: {msg} (--debug shows the traceback)", code=1, hard=True)
 
 
 def define_config_flag(argv: list[str], default_spec: str = DEFAULT_CONFIG, flag_values=None):
@@ -139,12 +202,14 @@ def define_config_flag(argv: list[str], default_spec: str = DEFAULT_CONFIG, flag
   closest keys), then define the --config flag on flag_values (default absl's FLAGS) for that argv.
   Returns (resolved argv, config spec, the config as loaded without overrides)."""
   prog = os.path.basename(argv[0])
-  argv = _resolve_argv(argv)
+  argv = _resolve_argv(_take_debug_flag(argv))
   spec = _config_spec(argv, resolve_spec(default_spec))
   try:
     config = cfg_lib.load_config(spec)
     cfg_lib.validate_overrides(config, argv)
   except cfg_lib.ConfigError as e:
+    if debug():
+      raise
     _fail(prog, str(e))
   flag_values = flags.FLAGS if flag_values is None else flag_values
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
@@ -310,21 +375,23 @@ def _log_to_workdir(workdir: str) -> None:
   if flags.FLAGS.logtostderr or flags.FLAGS.alsologtostderr:
     return
   logging.get_absl_handler().use_absl_log_file("main", workdir)
+  _LOG_FILE.append(workdir)
   if not flags.FLAGS["stderrthreshold"].present:
     flags.FLAGS.stderrthreshold = "warning"
 
 
-def _inference_params(config, workdir: str, prepare: bool = False):
+def _inference_params(config, workdir: str, prepare: bool = False, task=None):
   """(task, params, step, mesh, rules) for eval / segment / serve: params only (inference_params).
-  The task's prepare() (dataset, tokenizer) runs when `prepare` (eval reads the dataset) or on
-  random weights (allow_random_init: a fresh workdir has no tokenizer); segment and serve on a
-  trained workdir or on init.pretrained write nothing."""
+  `task`: one already built for this config (default: built here). The task's prepare() (dataset,
+  tokenizer) runs when `prepare` (eval reads the dataset) or on random weights (allow_random_init:
+  a fresh workdir has no tokenizer); segment and serve on a trained workdir or on init.pretrained
+  write nothing."""
   from jaxlisa import tasks  # pylint: disable=import-outside-toplevel
   from jaxlisa.training import inference_params as ip  # pylint: disable=import-outside-toplevel
   trained = ip.ckpt_lib.find_params(workdir)
   print(f"loading weights ({'checkpoint in ' + workdir if trained else 'init.pretrained'})", flush=True)
   mesh, rules = ip.setup(config)
-  task = tasks.get_task(config, workdir)
+  task = task or tasks.get_task(config, workdir)
   if prepare or (trained is None and not ip.has_pretrained(config)):
     task.prepare()
   params, step = ip.task_params(task, config, workdir, mesh, rules)
@@ -384,10 +451,18 @@ def run_segment(config, workdir: str) -> None:
     images = [load_image(p) for p in paths]
   except (ImageError, FileNotFoundError) as e:
     _fail(prog, str(e))
-  task, params, step, _, _ = _inference_params(config, workdir)
+  from jaxlisa import tasks  # pylint: disable=import-outside-toplevel
+  task = tasks.get_task(config, workdir)
+  col = config.data.collate
+  try:  # before the weights are loaded: the tokenizer and the model config say whether prompts fit
+    seg_lib.check_prompts(task.model.config, task.tokenizer, prompts, max_new_tokens=config.max_new_tokens,
+                          conv_type=col.conv_type, use_mm_start_end=col.use_mm_start_end,
+                          max_length=col.model_max_length)
+  except seg_lib.PromptTooLongError as e:
+    _fail(prog, str(e))
+  task, params, step, _, _ = _inference_params(config, workdir, task)
   out_dir = config.segment_dir or os.path.join(workdir, "segment")
   os.makedirs(out_dir, exist_ok=True)
-  col = config.data.collate
   bar = Progress(len(images), "segment", "image", every=1)
   results = []
   try:
@@ -455,10 +530,21 @@ def main(argv):
   prog = os.path.basename(argv[0])
   if len(argv) > 1:
     _fail(prog, f"unexpected arguments: {' '.join(argv[1:])}")
-  config = flags.FLAGS.config
+  try:
+    _main(prog, flags.FLAGS.config)
+  except SystemExit:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (one line unless --debug)
+    if debug():
+      raise
+    _fail_on(prog, e)
+
+
+def _main(prog: str, config) -> None:
   mode = config.get("mode", "train")
   if mode not in MODES:
     _fail(prog, f"unknown config.mode {mode!r}; known: {', '.join(MODES)}")
+  cfg_lib.check_run_config(config)  # sizes, step counts, init.* paths: before anything is built
   workdir = flags.FLAGS.workdir or default_workdir(_config_spec(sys.argv))
   if mode != "train":
     _check_weights(config, workdir)  # before anything is built or written
@@ -467,27 +553,17 @@ def main(argv):
   # process 0 writes config.json; other modes read a run's workdir and leave its config.json as it is
   if mode == "train" and distributed.is_primary():
     from jaxlisa.training.trainer import check_optim  # pylint: disable=import-outside-toplevel
-    try:  # refuses bad rates, and a model change against the workdir's checkpoints, before writing anything
-      check_optim(config)
-      changed = cfg_lib.accept_run(config, workdir, sys.argv)
-    except cfg_lib.ConfigError as e:
-      _fail(prog, str(e))
+    # refuses bad rates, and a model change against the workdir's checkpoints, before writing anything
+    check_optim(config)
+    changed = cfg_lib.accept_run(config, workdir, sys.argv)
     if changed:
       logging.warning("config differs from the previous run in %s: %s", workdir,
                       ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
   else:
-    os.makedirs(workdir, exist_ok=True)
+    cfg_lib.make_workdir(workdir)
   _log_to_workdir(workdir)
   logging.info("mode %s, workdir %s", mode, workdir)
-  from jaxlisa.data.tokenization import TokenizerFileError  # pylint: disable=import-outside-toplevel
-  from jaxlisa.training.checkpoints import CheckpointError  # pylint: disable=import-outside-toplevel
-  from jaxlisa.training.trainer import NonFiniteError  # pylint: disable=import-outside-toplevel
-  try:
-    MODES[mode](config, workdir)
-  except (cfg_lib.ConfigError, CheckpointError, NonFiniteError, TokenizerFileError) as e:
-    if os.environ.get("JAXLISA_DEBUG"):
-      raise
-    _fail(prog, str(e))
+  MODES[mode](config, workdir)
 
 
 def run() -> None:

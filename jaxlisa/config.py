@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 from typing import Any, Iterator, Sequence
 
 import ml_collections
@@ -79,8 +80,68 @@ def load_config(spec: str) -> ConfigDict:
   name = "jaxlisa_cfg_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"config file {path}: syntax error at line {e.lineno}: {e.msg}") from e
+  except Exception as e:  # pylint: disable=broad-except  (the config file is user code)
+    raise ConfigError(f"config file {path} fails on import: {type(e).__name__}: {_one_line(e)}") from e
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"config file {path} defines no get_config(arg=None) function")
+  try:
+    config = module.get_config(arg) if arg else module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"{path}: get_config({arg!r}) raised {type(e).__name__}: {_one_line(e)}" if arg else
+                      f"{path}: get_config() raised {type(e).__name__}: {_one_line(e)}") from e
+  if not isinstance(config, ConfigDict):
+    raise ConfigError(f"{path}: get_config returned {type(config).__name__}, not an ml_collections.ConfigDict")
+  return config
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split()) or type(e).__name__
+
+
+def _int_at_least(config: ConfigDict, key: str, minimum: int) -> list[str]:
+  if key not in config:
+    return []
+  v = config[key]
+  if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+    return [f"--config.{key}={v!r}: must be an integer >= {minimum}"]
+  return []
+
+
+def check_run_config(config: ConfigDict) -> None:
+  """Values a run cannot start with (ConfigError naming every bad field): sizes and step counts,
+  init.* paths that do not exist. (Checks that need the devices, such as the mesh and batch
+  shards, are the trainer's: main.py reports their ValueError in one line.)"""
+  problems = []
+  problems += _int_at_least(config, "batch_size", 1)
+  problems += _int_at_least(config, "grad_accum", 1)
+  for key in ("total_steps", "log_every", "eval_every", "ckpt_every"):
+    problems += _int_at_least(config, key, 0)
+  init = config.get("init")
+  if isinstance(init, ConfigDict):
+    for key in ("pretrained", "clip"):
+      path = init.get(key)
+      if isinstance(path, str) and path and not os.path.exists(path):
+        problems.append(f"--config.init.{key}={path}: no such file or directory")
+  if problems:
+    raise ConfigError("; ".join(problems))
+
+
+def make_workdir(workdir: str) -> None:
+  """Create `workdir` (ConfigError naming it when it cannot be created or written)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"workdir {workdir} exists and is not a folder")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+      pass
+  except OSError as e:
+    raise ConfigError(f"workdir {workdir} cannot be written: {e.strerror or _one_line(e)}") from None
 
 
 def iter_paths(config: ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -236,7 +297,8 @@ def accept_run(config: ConfigDict, workdir: str, argv: Sequence[str] | None = No
   changed = diff(previous, new) if previous is not None else {}
   structural = structural_changes(previous, new) if previous is not None else {}
   if structural and has_checkpoints(workdir):
-    fields = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(structural.items())[:6])
+    first = sorted(structural, key=lambda k: (k not in ("task", "model.family"), k))  # the telling ones first
+    fields = ", ".join(f"{k}: {structural[k][0]!r} -> {structural[k][1]!r}" for k in first[:6])
     if not config.get("fresh_start", False):
       raise ConfigError(f"{workdir} holds checkpoints of another model ({fields}); use another --workdir, "
                         "or --config.fresh_start=True to move the old run aside and start over")
@@ -250,5 +312,9 @@ def accept_run(config: ConfigDict, workdir: str, argv: Sequence[str] | None = No
         os.replace(os.path.join(workdir, n), os.path.join(aside, n))
       sys.stderr.write(f"fresh start: moved {', '.join(present)} to {aside}\n")
       changed = {}
-  write_config(config, workdir, argv)
+  make_workdir(workdir)
+  try:
+    write_config(config, workdir, argv)
+  except OSError as e:
+    raise ConfigError(f"cannot write {workdir}/config.json: {e.strerror or _one_line(e)}") from None
   return {k: v for k, v in changed.items() if k not in structural}

@@ -15,6 +15,14 @@ place at the end, so a failed run leaves nothing behind.
 
 --override key=value (repeatable) sets a model config field that a checkpoint cannot say about
 itself; it is passed to the conversion as a dict (config_overrides).
+
+Every tensor is checked while it is read: an integer tensor where a float weight belongs, or NaN /
+Inf values, stop the conversion naming the tensor (--allow_nonfinite converts NaN/Inf anyway, with
+a warning); values beyond 1e4 (garbage bytes read as floats) are a warning, refused with --strict.
+--verify is checked to be available for the family and source before anything is written, and
+runs on the converted parameters before they are saved. Temporary folders left by a killed
+conversion to the same --dst are removed at the next run. Any failure: exit 2 and one line
+(`error: ...`); --debug shows the Python traceback instead.
 """
 
 import os
@@ -43,6 +51,9 @@ flags.DEFINE_multi_string("override", [], "key=value model config field the chec
                           "(e.g. decoder_num_heads=8 for SAM); repeatable")
 flags.DEFINE_bool("verify", False, "compare logits with the PyTorch original on a random input")
 flags.DEFINE_bool("overwrite", False, "replace a non-empty --dst")
+flags.DEFINE_bool("allow_nonfinite", False, "convert weights with NaN/Inf values (a warning instead of an error)")
+flags.DEFINE_bool("strict", False, "refuse weights with values beyond 1e4 (a warning otherwise)")
+flags.DEFINE_bool("debug", False, "show the Python traceback of a failure instead of one line")
 
 
 def parse_overrides(items) -> dict:
@@ -67,37 +78,55 @@ def parse_overrides(items) -> dict:
   return out
 
 
+def one_line(e: BaseException) -> str:
+  """An exception's message on one line (multi-line problem lists joined with '; ')."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  text = "; ".join(lines).replace(":; ", ": ") or type(e).__name__
+  builtin = type(e).__module__ == "builtins" and not isinstance(e, OSError)
+  return f"{type(e).__name__}: {text}" if builtin else text
+
+
 def main(argv):
   del argv
+  try:
+    return convert_main()
+  except Exception as e:  # pylint: disable=broad-except  (one line unless --debug)
+    if FLAGS.debug or os.environ.get("JAXLISA_DEBUG", "") not in ("", "0"):
+      raise
+    if isinstance(e, OSError) and e.filename:
+      print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+    else:
+      print(f"error: {one_line(e)}", file=sys.stderr)
+    return 2
+
+
+def convert_main() -> int:
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
   from jaxlisa.conversion import convert, checkpoint_io  # pylint: disable=import-outside-toplevel
   t0 = time.time()
-  try:
-    overrides = parse_overrides(FLAGS.override)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  try:
-    n = len(checkpoint_io.open_checkpoint(FLAGS.src))
-    with tqdm(total=n, desc="converting", unit="tensor", disable=not sys.stderr.isatty()) as bar:
-      if FLAGS.family == "lisa" or FLAGS.clip_src:
-        from jaxlisa.conversion import lisa  # pylint: disable=import-outside-toplevel
-        conv = lisa.convert_lisa(FLAGS.src, clip_src=FLAGS.clip_src, dtype=FLAGS.dtype,
-                                 config_overrides=overrides or None, progress=lambda _: bar.update(1))
-      else:
-        conv = convert.convert_checkpoint(FLAGS.src, family=FLAGS.family, dtype=FLAGS.dtype,
-                                          config_overrides=overrides or None, progress=lambda _: bar.update(1))
-    out = convert.save_converted(FLAGS.dst, conv, source_dir=FLAGS.src, overwrite=FLAGS.overwrite)
-  except checkpoint_io.CheckpointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(f"family {conv.family}: wrote {out} in {time.time() - t0:.1f}s")
-  if FLAGS.verify:
+  overrides = parse_overrides(FLAGS.override)
+  if FLAGS.verify and FLAGS.family:
     from jaxlisa.conversion import verify  # pylint: disable=import-outside-toplevel
-    pre = convert.load_pretrained(out, with_tokenizer=False)
-    res = verify.verify(FLAGS.src, conv.family, pre.module, pre.params, pre.config)
+    verify.check_available(FLAGS.src, FLAGS.family)  # before reading anything
+  checks = dict(allow_nonfinite=FLAGS.allow_nonfinite, strict=FLAGS.strict)
+  n = len(checkpoint_io.open_checkpoint(FLAGS.src))
+  with tqdm(total=n, desc="converting", unit="tensor", disable=not sys.stderr.isatty()) as bar:
+    if FLAGS.family == "lisa" or FLAGS.clip_src:
+      from jaxlisa.conversion import lisa  # pylint: disable=import-outside-toplevel
+      conv = lisa.convert_lisa(FLAGS.src, clip_src=FLAGS.clip_src, dtype=FLAGS.dtype,
+                               config_overrides=overrides or None, progress=lambda _: bar.update(1), **checks)
+    else:
+      conv = convert.convert_checkpoint(FLAGS.src, family=FLAGS.family, dtype=FLAGS.dtype,
+                                        config_overrides=overrides or None, progress=lambda _: bar.update(1),
+                                        **checks)
+  if FLAGS.verify:  # on the converted parameters, before anything is written
+    from jaxlisa.conversion import verify  # pylint: disable=import-outside-toplevel
+    verify.check_available(FLAGS.src, conv.family)
+    res = verify.verify(FLAGS.src, conv.family, convert.build_module(conv), conv.params, conv.config)
     for k, v in res.items():
       print(f"verify {k}: {v:.3e}")
+  out = convert.save_converted(FLAGS.dst, conv, source_dir=FLAGS.src, overwrite=FLAGS.overwrite)
+  print(f"family {conv.family}: wrote {out} in {time.time() - t0:.1f}s")
   return 0
 
 

@@ -128,8 +128,11 @@ def read_config_json(path: str) -> dict | None:
   f = os.path.join(d, "config.json")
   if not os.path.exists(f):
     return None
-  with open(f) as fh:
-    return json.load(fh)
+  try:
+    with open(f) as fh:
+      return json.load(fh)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"cannot read {f}: {e}") from None
 
 
 def _list_file(f: str, src: TensorSource):

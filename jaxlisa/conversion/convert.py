@@ -25,6 +25,7 @@ from jaxlisa.conversion import families
 from jaxlisa.conversion.checkpoint_io import CheckpointError, open_checkpoint, read_config_json
 from jaxlisa.conversion.family import DTYPES, Converted, np_dtype  # noqa: F401  (re-exported)
 from jaxlisa.conversion.keymap import convert_state, export_state
+from jaxlisa.conversion.weight_check import WeightCheck
 from jaxlisa.models.lora import merge_lora
 
 CONFIG_FILE = "jaxlisa_config.json"
@@ -33,16 +34,32 @@ FORMAT_VERSION = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "qwen.tiktoken",
                    "generation_config.json", "preprocessor_config.json", "chat_template.jinja")
+def _check_overrides(model_config, overrides: dict) -> None:
+  names = [f.name for f in dataclasses.fields(model_config)] if dataclasses.is_dataclass(model_config) else []
+  unknown = [k for k in overrides if k not in names]
+  if unknown:
+    import difflib  # pylint: disable=import-outside-toplevel
+    close = sorted({c for k in unknown for c in difflib.get_close_matches(k, names, n=3)})
+    raise CheckpointError(f"unknown config override(s) {', '.join(unknown)} for {type(model_config).__name__}"
+                          + (f"; did you mean {', '.join(close)}?" if close else ""))
+
+
 def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float32",
-                       config_overrides: dict | None = None, progress=None) -> Converted:
+                       config_overrides: dict | None = None, progress=None, *,
+                       allow_nonfinite: bool = False, strict: bool = False) -> Converted:
   """Read a PyTorch/HF checkpoint (file or directory) into jaxlisa params (numpy, in memory).
 
   config_overrides: model-config fields replacing what was read or assumed (e.g. SAM's
   {"decoder_num_heads": 4}, which a .pth cannot say); a family whose config_from_hf takes
-  `overrides` sees them while it reads the shapes."""
+  `overrides` sees them while it reads the shapes. Every tensor is checked (WeightCheck):
+  integer dtypes and NaN/Inf are refused (allow_nonfinite: NaN/Inf only warned about), values
+  beyond MAX_ABS_WEIGHT warned about (strict: refused)."""
   source = open_checkpoint(src)
   cfg_json = read_config_json(src)
-  fam = families.get_family(family) if family else families.detect_family(cfg_json, source.keys())
+  try:
+    fam = families.get_family(family) if family else families.detect_family(cfg_json, source.keys())
+  except (CheckpointError, KeyError, ValueError) as e:
+    raise CheckpointError(f"{src}: {e}") from None
   if fam.open_source is not None:
     source = fam.open_source(src)
   if config_overrides and "overrides" in inspect.signature(fam.config_from_hf).parameters:
@@ -52,11 +69,14 @@ def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float3
     model_config = fam.config_from_hf(cfg_json, source)
   model_config = _generation_ids(model_config, src)
   if config_overrides:
+    _check_overrides(model_config, config_overrides)
     model_config = dataclasses.replace(model_config, **config_overrides)
   expected = families.abstract_params(fam, model_config)
   scan = getattr(model_config, "scan_layers", True)
-  params = convert_state(source, fam.rules(model_config, source.keys()), expected, scan=scan,
+  checked = WeightCheck(source, src, allow_nonfinite=allow_nonfinite, strict=strict)
+  params = convert_state(checked, fam.rules(model_config, source.keys()), expected, scan=scan,
                          dtype=np_dtype(dtype), skip=fam.skip, keep_dtype=fam.keep_fp32, progress=progress)
+  checked.finish()
   logging.info("converted %d tensors of %s as family %s", len(source), src, fam.name)
   return Converted(fam.name, model_config, params)
 
@@ -83,16 +103,72 @@ def _generation_ids(model_config, src: str):
   return dataclasses.replace(model_config, **changes) if changes else model_config
 
 
+TMP_OWNER_FILE = ".jaxlisa-owner"  # "<host> <pid>" of the conversion writing a temporary folder
+
+
+def _tmp_prefix(dst: str) -> str:
+  return ".tmp-" + os.path.basename(dst) + "-"
+
+
+def clean_stale_tmp(dst: str) -> list[str]:
+  """Remove the temporary folders of earlier conversions to `dst` that died (kill -9) before their
+  rename: `.tmp-<dst>-XXXXXXXX` siblings whose owner process (same host) is gone, or which have
+  no owner file and are older than an hour. Returns the removed paths."""
+  import re  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  parent = os.path.dirname(os.path.abspath(dst))
+  pattern = re.compile(re.escape(_tmp_prefix(dst)) + r"[A-Za-z0-9_]{8}$")
+  removed = []
+  try:
+    names = os.listdir(parent)
+  except OSError:
+    return removed
+  for name in names:
+    path = os.path.join(parent, name)
+    if not pattern.match(name) or not os.path.isdir(path) or os.path.islink(path):
+      continue
+    try:
+      with open(os.path.join(path, TMP_OWNER_FILE)) as fh:
+        host, pid = fh.read().split()
+      if host != socket.gethostname():
+        continue  # another machine's conversion on a shared filesystem: not ours to judge
+      try:
+        os.kill(int(pid), 0)
+        continue  # still running
+      except ProcessLookupError:
+        pass
+      except PermissionError:
+        continue  # alive, another user's
+    except (OSError, ValueError):
+      if time.time() - os.path.getmtime(path) < 3600:
+        continue  # no owner yet (just created) or unreadable: leave it unless old
+    shutil.rmtree(path, ignore_errors=True)
+    logging.warning("removed %s, left by an interrupted conversion", path)
+    removed.append(path)
+  return removed
+
+
 def save_converted(dst: str, conv: Converted, source_dir: str | None = None, overwrite: bool = False) -> str:
-  """Write `conv` to `dst` atomically (temporary sibling directory, renamed at the end)."""
+  """Write `conv` to `dst` atomically (temporary sibling directory, renamed at the end); the
+  temporary folders of earlier conversions to `dst` that were killed are removed first."""
+  import socket  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   dst = os.path.abspath(dst)
+  if os.path.exists(dst) and not os.path.isdir(dst):
+    raise CheckpointError(f"destination {dst} exists and is not a folder")
   if os.path.exists(dst) and not overwrite:
     if os.listdir(dst):
       raise CheckpointError(f"destination {dst} exists and is not empty (pass --overwrite)")
   parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(dst) + "-", dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    clean_stale_tmp(dst)
+    tmp = tempfile.mkdtemp(prefix=_tmp_prefix(dst), dir=parent)
+    with open(os.path.join(tmp, TMP_OWNER_FILE), "w") as fh:
+      fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+  except OSError as e:
+    raise CheckpointError(f"cannot write {dst}: {e.strerror or e}") from None
   try:
     meta = {"format": FORMAT_VERSION, "family": conv.family, "config": conv.config.to_dict(),
             "source": source_dir}
@@ -108,6 +184,7 @@ def save_converted(dst: str, conv: Converted, source_dir: str | None = None, ove
       for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(sdir, name)):
           shutil.copy2(os.path.join(sdir, name), os.path.join(tmp, name))
+    os.remove(os.path.join(tmp, TMP_OWNER_FILE))
     if os.path.exists(dst):
       shutil.rmtree(dst)
     os.replace(tmp, dst)
@@ -115,6 +192,11 @@ def save_converted(dst: str, conv: Converted, source_dir: str | None = None, ove
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return dst
+
+
+def build_module(conv: Converted):
+  """The linen module of a conversion (for --verify on the in-memory params)."""
+  return families.get_family(conv.family).build(conv.config)
 
 
 def is_converted(path: str) -> bool:

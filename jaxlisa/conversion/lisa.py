@@ -41,6 +41,7 @@ from jaxlisa.conversion import sam as sam_conv
 from jaxlisa.conversion.checkpoint_io import CheckpointError, open_checkpoint, read_config_json
 from jaxlisa.conversion.family import Converted, Family, abstract_params, any_key, np_dtype
 from jaxlisa.conversion.keymap import FLAT, LINEAR, Rule, convert_state, export_state, flatten_tree
+from jaxlisa.conversion.weight_check import WeightCheck
 from jaxlisa.data.conversation import (DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_SEG_TOKEN,
                                        IMAGE_TOKEN_INDEX)
 from jaxlisa.models import lisa as lisa_lib
@@ -246,8 +247,10 @@ def _rules(c: LisaConfig, keys: Sequence[str] = ()) -> list[Rule]:
 
 def convert_lisa(src: str, clip_src: str | None = None, seg_token_idx: int | None = None,
                  dtype: str = "float32", sam_overrides: dict | None = None,
-                 config_overrides: dict | None = None, progress=None):
-  """Official LISA checkpoint (file or directory) -> Converted("lisa", LisaConfig, params).
+                 config_overrides: dict | None = None, progress=None, *, allow_nonfinite: bool = False,
+                 strict: bool = False):
+  """Official LISA checkpoint (file or directory) -> family.Converted("lisa", LisaConfig, params).
+  Tensors are checked as convert_checkpoint checks them (weight_check.WeightCheck).
 
   clip_src: CLIP checkpoint directory (HF CLIPVisionModel / CLIPModel); needed unless the
   checkpoint holds a tower or config.json's vision_tower is a local directory.
@@ -259,9 +262,11 @@ def convert_lisa(src: str, clip_src: str | None = None, seg_token_idx: int | Non
   if config_overrides:
     config = dataclasses.replace(config, **config_overrides)
   expected = abstract_params(LISA_FAMILY, config)
-  params = convert_state(source, lisa_rules(config, source.keys()), expected, scan=config.llava.text.scan_layers,
+  checked = WeightCheck(source, src, allow_nonfinite=allow_nonfinite, strict=strict)
+  params = convert_state(checked, lisa_rules(config, source.keys()), expected, scan=config.llava.text.scan_layers,
                          dtype=np_dtype(dtype), skip=SKIP,
                          keep_dtype=KEEP_FP32, progress=progress)
+  checked.finish()
   logging.info("converted %d tensors of %s (clip: %s) as LISA", len(source), src, clip_src)
   return Converted("lisa", config, params)
 

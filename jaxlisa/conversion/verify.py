@@ -27,13 +27,33 @@ def register_verifier(family: str):
   return deco
 
 
+CAUSAL_LM_FAMILIES = ("llama", "mistral", "qwen2", "opt")
+
+
+def _verifier(family: str) -> Callable | None:
+  return _VERIFIERS.get(family, _verify_causal_lm if family in CAUSAL_LM_FAMILIES else None)
+
+
+def check_available(src: str, family: str) -> None:
+  """CheckpointError (before anything is written) when --verify cannot run for this source: a
+  family without a verifier, or a causal LM that transformers cannot load from `src` (it needs a
+  HF directory with config.json, or a .gguf file)."""
+  if _verifier(family) is None:
+    have = sorted(set(_VERIFIERS) | set(CAUSAL_LM_FAMILIES))
+    raise CheckpointError(f"--verify is not available for family {family!r} (only for {', '.join(have)}); "
+                          "run without --verify")
+  if family in CAUSAL_LM_FAMILIES and family not in _VERIFIERS:
+    import os  # pylint: disable=import-outside-toplevel
+    if not (src.endswith(".gguf") and os.path.isfile(src)) and not os.path.isfile(os.path.join(src, "config.json")):
+      raise CheckpointError(f"--verify needs a HF directory with config.json (or a .gguf file) to build the "
+                            f"PyTorch reference; {src} is not one: run without --verify")
+
+
 def verify(src: str, family: str, module, params, config, seed: int = 0) -> dict[str, float]:
   """Causal LMs: {'max_abs_logit_diff', 'max_abs_logit', 'rel_logit_diff' (= diff / max |logit|),
   'ref_batched_vs_unbatched' (the reference's own variation)}; other families their own metrics."""
-  fn = _VERIFIERS.get(family, _verify_causal_lm if family in ("llama", "mistral", "qwen2", "opt") else None)
-  if fn is None:
-    raise CheckpointError(f"--verify is not available for family {family!r}")
-  return fn(src, module, params, config, seed)
+  check_available(src, family)
+  return _verifier(family)(src, module, params, config, seed)
 
 
 def _verify_causal_lm(src, module, params, config, seed):

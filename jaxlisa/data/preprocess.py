@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
+from struct import error as struct_error
 from typing import Sequence, Union
 
 import numpy as np
@@ -40,6 +42,13 @@ SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 # clip_preprocess resizes the whole image (as transformers) up to this many output pixels (48 MiB
 # of uint8 RGB; aspect ratios up to ~330:1 at 224 px), and only the crop window beyond it.
 CLIP_FULL_RESIZE_MAX_PIXELS = 1 << 24
+
+# Images with more pixels than this are refused before decoding (ImageError): Pillow's own
+# decompression-bomb threshold, which it only warns about (89.5 MP: 268 MB as uint8 RGB).
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# ... and images with a longer side than this (JPEG's own limit; Pillow decodes row by row, so a
+# 1 x 80,000,000 PNG takes ~15 s to decode although it has fewer pixels than MAX_IMAGE_PIXELS).
+MAX_IMAGE_SIDE = 1 << 16
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview]
 
@@ -59,7 +68,7 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
   mode = img.mode
   if mode.startswith("I;16") or mode == "I":
     a = np.asarray(img)
-    a = (np.clip(a.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+    a = (np.clip(a, 0, 65535) >> 8).astype(np.uint8)  # in the source's own integer type: no int64 copy
     return np.repeat(a[..., None], 3, axis=-1)
   if mode == "RGB":
     return np.asarray(img, dtype=np.uint8)
@@ -67,11 +76,12 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
   return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
-def load_image(src: ImageSource, exif_transpose: bool = True) -> np.ndarray:
+def load_image(src: ImageSource, exif_transpose: bool = True, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
   """Read an image file (path or encoded bytes) as uint8 RGB [H, W, 3].
 
-  Raises FileNotFoundError for a missing path and ImageError (naming the file) for anything that
-  does not decode completely.
+  Raises FileNotFoundError for a missing path and ImageError (naming the file, one line) for
+  anything that does not decode completely: another kind of file, a directory, truncated or
+  corrupt data, or a header claiming more than `max_pixels` pixels (checked before decoding).
   """
   name = _name(src)
   if isinstance(src, (bytes, bytearray, memoryview)):
@@ -79,25 +89,49 @@ def load_image(src: ImageSource, exif_transpose: bool = True) -> np.ndarray:
   else:
     if not os.path.exists(src):
       raise FileNotFoundError(f"image not found: {name}")
-    fh = open(src, "rb")  # pylint: disable=consider-using-with
+    if not os.path.isfile(src):
+      raise ImageError(f"cannot read image {name}: not a file")
+    try:
+      fh = open(src, "rb")  # pylint: disable=consider-using-with
+    except OSError as e:
+      raise ImageError(f"cannot read image {name}: {e.strerror or e}") from e
   try:
-    with fh:
+    with fh, warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # Pillow's per-file chatter (corrupt EXIF, ...); failures raise below
       try:
         img = Image.open(fh)
+        w, h = img.size
+        if w < 1 or h < 1:
+          raise ImageError(f"cannot read image {name}: its header says {w}x{h} pixels")
+        if max(w, h) > MAX_IMAGE_SIDE:
+          raise ImageError(f"cannot read image {name}: {w}x{h} pixels, a side longer than {MAX_IMAGE_SIDE}")
+        if w * h > max_pixels:
+          raise ImageError(f"cannot read image {name}: {w}x{h} pixels is more than the {max_pixels} allowed "
+                           "(max_pixels)")
         img.load()  # decode now: truncated data fails here, not later
-      except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError,
+      except ImageError:
+        raise
+      except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError, struct_error,
               Image.DecompressionBombError) as e:
-        raise ImageError(f"cannot read image {name}: {e}") from e
+        raise ImageError(f"cannot read image {name}: {_one_line(e)}") from e
       if exif_transpose:
         try:
           img = ImageOps.exif_transpose(img)
         except Exception as e:  # pylint: disable=broad-except
           logging.warning("ignoring unreadable EXIF orientation of %s: %s", name, e)
-      return _to_rgb(img)
+      try:
+        return _to_rgb(img)
+      except (OSError, ValueError, MemoryError) as e:  # decoders that defer work to the conversion
+        raise ImageError(f"cannot read image {name}: {_one_line(e)}") from e
   except ImageError:
     raise
   except OSError as e:
-    raise ImageError(f"cannot read image {name}: {e}") from e
+    raise ImageError(f"cannot read image {name}: {_one_line(e)}") from e
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return text or type(e).__name__
 
 
 def _check_rgb(img: np.ndarray) -> np.ndarray:

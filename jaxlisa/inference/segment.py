@@ -94,6 +94,36 @@ def _masks(model: Lisa, params, hidden, image_embeddings, image_index, resize_hw
                                            padded_size=model.config.sam.img_size)
 
 
+def _prompt_rows(c, tokenizer, prompts, conv_type, use_mm_start_end, answers=None):
+  """(rows, starts): each prompt's token ids with the image placeholders expanded (the filled
+  assistant turn included with `answers`), and where each row's answer begins."""
+  expand = lambda ids: tok_lib.expand_image_tokens(ids, None, c.num_image_tokens, c.llava.image_token_index).input_ids
+  rows, starts = [], []  # starts: where each row's answer begins (its [SEG]s always give masks)
+  for i, q in enumerate(prompts):
+    question = expand(tok_lib.tokenizer_image_token(build_prompt(q, conv_type, use_mm_start_end), tokenizer))
+    rows.append(question if answers is None else expand(tok_lib.tokenizer_image_token(
+        build_prompt(q, conv_type, use_mm_start_end, answers[i]), tokenizer)))
+    starts.append(len(question))
+  return rows, starts
+
+
+def _check_length(c, rows, max_new_tokens: int, max_length: int | None) -> int:
+  """The context limit; PromptTooLongError when the longest row + max_new_tokens exceeds it."""
+  limit = max_length or c.llava.text.max_position_embeddings
+  longest = max(len(r) for r in rows)
+  if longest + max_new_tokens > limit:
+    raise PromptTooLongError(f"prompt of {longest} tokens (incl. {c.num_image_tokens} image tokens) + "
+                             f"max_new_tokens {max_new_tokens} exceeds the model context of {limit} tokens")
+  return limit
+
+
+def check_prompts(model_config, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
+                  conv_type: str = "llava_v1", use_mm_start_end: bool = True, max_length: int | None = None) -> None:
+  """PromptTooLongError unless every prompt fits as `segment` would run it (no weights needed)."""
+  rows, _ = _prompt_rows(model_config, tokenizer, prompts, conv_type, use_mm_start_end)
+  _check_length(model_config, rows, max_new_tokens, max_length)
+
+
 def segment(model: Lisa, params, tokenizer, images: Sequence[np.ndarray], prompts: Sequence[str], *,
             max_new_tokens: int = 64, conv_type: str = "llava_v1", use_mm_start_end: bool = True,
             max_length: int | None = None, length_buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048),
@@ -114,25 +144,11 @@ def segment(model: Lisa, params, tokenizer, images: Sequence[np.ndarray], prompt
   if answers is not None and len(answers) != len(prompts):
     raise ValueError(f"{len(answers)} answers for {len(prompts)} prompts")
   c = model.config
-  n_img = c.num_image_tokens
-  rows, starts = [], []  # starts: where each row's answer begins (its [SEG]s always give masks)
-  for i, q in enumerate(prompts):
-    expand = lambda ids: tok_lib.expand_image_tokens(ids, None, n_img, c.llava.image_token_index).input_ids
-    question = expand(tok_lib.tokenizer_image_token(build_prompt(q, conv_type, use_mm_start_end), tokenizer))
-    if answers is None:
-      rows.append(question)
-      starts.append(len(question))
-    else:
-      rows.append(expand(tok_lib.tokenizer_image_token(
-          build_prompt(q, conv_type, use_mm_start_end, answers[i]), tokenizer)))
-      starts.append(len(question))
+  rows, starts = _prompt_rows(c, tokenizer, prompts, conv_type, use_mm_start_end, answers)
   if answers is not None:
     max_new_tokens = 0
-  limit = max_length or c.llava.text.max_position_embeddings
+  limit = _check_length(c, rows, max_new_tokens, max_length)
   longest = max(len(r) for r in rows)
-  if longest + max_new_tokens > limit:
-    raise PromptTooLongError(f"prompt of {longest} tokens (incl. {n_img} image tokens) + max_new_tokens "
-                             f"{max_new_tokens} exceeds the model context of {limit} tokens")
   p = next((b for b in length_buckets if b >= longest), longest)
   p = min(p, limit - max_new_tokens)
   ids = np.zeros((len(rows), p), np.int32)

@@ -185,6 +185,7 @@ class Checkpoints:
     try:
       meta = self.latest.item_metadata(step)["state"]
       problems = shape_problems(meta, target) if meta is not None else []
+      problems.sort(key=lambda p: p.startswith("opt_state"))  # parameters first, their moments after
     except Exception:  # pylint: disable=broad-except  (metadata is only a courtesy; restore decides)
       problems = []
     if problems:
@@ -316,6 +317,16 @@ def restore_params(workdir: str, abstract_params: Any, shardings: Any = None,
   item = {"trainable": target} if latest else target
   restore_args = ocp.checkpoint_utils.construct_restore_args(item)
   with ocp.PyTreeCheckpointer() as ckptr:
+    try:  # a checkpoint of another model: name the parameters (orbax's error names none)
+      tree = ckptr.metadata(path).item_metadata.tree
+      problems = [p for p in shape_problems({k: tree[k] for k in item if k in tree}, item)
+                  if not p.endswith("not in the model")]  # a partial restore reads a subset
+    except Exception:  # pylint: disable=broad-except  (metadata is only a courtesy; restore decides)
+      problems = []
+    if problems:
+      raise CheckpointError(
+          f"checkpoint {path} does not fit the model ({len(problems)} difference{'s' if len(problems) > 1 else ''}:"
+          f" {'; '.join(problems[:3])}); check --config.model.* against {workdir}/config.json")
     out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                           partial_restore=True))
   logging.info("restored params from %s (step %d)", path, step)
