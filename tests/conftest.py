@@ -112,16 +112,9 @@ def run_main_then_resume(spec: str, workdir, stop_after: int):
 
 
 # ------------------------------------------------------------------------------------------------
-# main.py --config.mode=serve as a subprocess (tests/test_serve*.py, bench/serve.py's pattern).
+# main.py --config.mode=serve as a subprocess (tests/test_serve*.py), via jaxlisa.serving.client.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port() -> int:
-  import socket  # pylint: disable=import-outside-toplevel
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def png_bytes(h: int = 100, w: int = 140, seed: int = 0) -> bytes:
@@ -133,80 +126,34 @@ def png_bytes(h: int = 100, w: int = 140, seed: int = 0) -> bytes:
   return buf.getvalue()
 
 
-def multipart(fields: dict) -> tuple[bytes, str]:
-  """{name: bytes (a file) or str} -> (multipart/form-data body, its Content-Type)."""
-  import uuid  # pylint: disable=import-outside-toplevel
-  boundary = uuid.uuid4().hex
-  out = b""
-  for name, value in fields.items():
-    if isinstance(value, bytes):
-      head = f'Content-Disposition: form-data; name="{name}"; filename="{name}.png"\r\nContent-Type: image/png'
-    else:
-      head, value = f'Content-Disposition: form-data; name="{name}"', str(value).encode()
-    out += f"--{boundary}\r\n{head}\r\n\r\n".encode() + value + b"\r\n"
-  return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-def post_segment(url: str, fields: dict, timeout: float = 120) -> tuple[int, dict]:
-  """POST url/v1/segment with `fields` -> (status, JSON body)."""
-  import json  # pylint: disable=import-outside-toplevel
-  import urllib.error  # pylint: disable=import-outside-toplevel
-  import urllib.request  # pylint: disable=import-outside-toplevel
-  body, ctype = multipart(fields)
-  req = urllib.request.Request(url + "/v1/segment", data=body, headers={"Content-Type": ctype})
-  try:
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-      return r.status, json.loads(r.read())
-  except urllib.error.HTTPError as e:
-    return e.code, json.loads(e.read())
-
-
 class ServerProcess:
-  """main.py --config.mode=serve (lisa_tiny runlocal) on a free loopback port, ready when /healthz
-  answers 200; stop() ends it by its PID. Its output goes to workdir/server.log. The persistent
-  compilation cache of the session is used for every program (min compile time 0)."""
+  """main.py --config.mode=serve (lisa_tiny runlocal, extra `args`) on a free loopback port, ready
+  when /healthz answers 200 (pytest.fail otherwise); stop() ends it by its PID. Output in
+  workdir/server.log. Every program goes to the session's persistent compilation cache."""
 
   def __init__(self, workdir, *args: str, ready_timeout: float = 600):
-    import subprocess  # pylint: disable=import-outside-toplevel
-    import time  # pylint: disable=import-outside-toplevel
-    import urllib.request  # pylint: disable=import-outside-toplevel
-    self.workdir, self.port = workdir, free_port()
+    from jaxlisa.serving import client  # pylint: disable=import-outside-toplevel
+    self.workdir, self.port = workdir, client.free_port()
     self.url = f"http://127.0.0.1:{self.port}"
-    cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config", os.path.join(ROOT, "configs/lisa_tiny.py:runlocal"),
-           "--workdir", str(workdir), "--config.mode=serve", f"--config.serve.port={self.port}", *args]
     self.log_path = os.path.join(str(workdir), "server.log")
     os.makedirs(str(workdir), exist_ok=True)
     self._log = open(self.log_path, "w")  # pylint: disable=consider-using-with
     env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.time() + ready_timeout
-    while time.time() < deadline:
-      if self.proc.poll() is not None:
-        self._log.close()
-        pytest.fail("server exited: " + self.log()[-2000:])
-      try:
-        with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
-          if r.status == 200:
-            return
-      except OSError:
-        time.sleep(1)
-    self.stop()
-    pytest.fail(f"server not ready in {ready_timeout} s: " + self.log()[-2000:])
+    self.proc = client.launch(["--config", os.path.join(ROOT, "configs/lisa_tiny.py:runlocal"),
+                               "--workdir", str(workdir), *args], self.port, self._log, env)
+    try:
+      client.wait_ready(self.url, self.proc, ready_timeout)
+    except client.NotReadyError as e:
+      self.stop()
+      pytest.fail(f"{e}: " + self.log()[-2000:])
 
   def log(self) -> str:
     with open(self.log_path) as f:
       return f.read()
 
   def stop(self) -> None:
-    import signal  # pylint: disable=import-outside-toplevel
-    import subprocess  # pylint: disable=import-outside-toplevel
-    if self.proc.poll() is None:
-      os.kill(self.proc.pid, signal.SIGTERM)
-      try:
-        self.proc.wait(timeout=20)
-      except subprocess.TimeoutExpired:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+    from jaxlisa.serving import client  # pylint: disable=import-outside-toplevel
+    client.stop(self.proc)
     if not self._log.closed:
       self._log.close()
 

@@ -9,7 +9,8 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import ROOT, ServerProcess, png_bytes, post_segment
+from conftest import ROOT, ServerProcess, png_bytes
+from jaxlisa.serving.client import post_segment
 
 MAX_BODY = 200_000
 

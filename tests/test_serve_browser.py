@@ -19,7 +19,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, ServerProcess, png_bytes, post_segment
+from conftest import ROOT, ServerProcess, png_bytes
+from jaxlisa.serving.client import post_segment
 from PIL import Image
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
