@@ -46,6 +46,9 @@ def lisa_config(text: dict, vision: dict, sam: dict, out_dim: int = 256) -> ml_c
   config.prompt = ""
   config.max_new_tokens = 64
   config.segment_dir = ""  # default: workdir/segment
+  # batch segmentation: --config.images=DIR|GLOB|list.jsonl ({"image", "prompt"} lines), this many at a time
+  config.images = ""
+  config.segment_batch_size = 4
   # --config.mode=serve: HTTP service (jaxlisa.serving.server; README "Serving")
   config.serve = ml_collections.ConfigDict(dict(
       host="127.0.0.1", port=8000, max_batch_size=4, batch_wait_ms=20.0, queue_size=32,

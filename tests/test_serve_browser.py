@@ -170,3 +170,54 @@ def test_page_in_chromium(seg_server, browser, tmp_path):
   assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 0
   if os.environ.get("JAXLISA_SAVE_SCREENSHOT"):
     shutil.copy(shot, os.environ["JAXLISA_SAVE_SCREENSHOT"])
+
+
+def test_batch_segment_cli(seg_server, tmp_path):
+  """main.py --config.mode=segment --config.images=list.jsonl on 3 images (batches of 2, the
+  server's buckets: the session's compilation cache serves them): one answer json + mask and overlay
+  PNG per image, and each mask equals the server's for the same image and question."""
+  pics = tmp_path / "pics"
+  pics.mkdir()
+  lines = []
+  for i, (h, w) in enumerate([(40, 60), (64, 64), (75, 50)]):
+    (pics / f"img{i}.png").write_bytes(png_bytes(h, w, seed=10 + i))
+    lines.append(json.dumps({"image": f"pics/img{i}.png", "prompt": f"Where is shape {i}? Please output segmentation mask."}))
+  (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
+  out = tmp_path / "out"
+  env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  t = time.time()
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config", SPEC, "--workdir", str(seg_server.workdir),
+                      "--config.mode=segment", f"--config.images={tmp_path / 'list.jsonl'}", f"--config.segment_dir={out}",
+                      "--config.segment_batch_size=2", *SERVE_ARGS[1:]], cwd=ROOT, capture_output=True, text=True,
+                     timeout=600, env=env)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  print(f"batch segment of 3 images: {time.time() - t:.1f} s (process, weights, cached compiles)")
+  assert "segment 3/3 images" in r.stdout and "segmented 3 of 3 images (3 with a mask" in r.stdout, r.stdout
+  rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+  assert len(rows) == 3 and sorted(glob.glob(str(out / "*.json"))) == [str(out / f"0000{i}_img{i}.json") for i in range(3)]
+  for i, row in enumerate(rows):
+    assert row["answer"].count("[SEG]") == 1 and len(row["masks"]) == 1, row
+    mask = np.asarray(Image.open(out / f"0000{i}_img{i}_mask_0.png")) > 0
+    assert (out / f"0000{i}_img{i}_overlay_0.png").exists()
+    np.testing.assert_array_equal(mask, _decode(row["masks"][0]))
+    status, ref = post_segment(seg_server.url, {"image": (pics / f"img{i}.png").read_bytes(), "prompt": row["prompt"]})
+    assert status == 200 and ref["answer"] == row["answer"], ref
+    np.testing.assert_array_equal(_decode(ref["masks"][0]), mask)
+
+
+def test_batch_inputs(tmp_path):
+  from jaxlisa.serving.batch import InputError, list_inputs  # pylint: disable=import-outside-toplevel
+  for name in ("b.png", "a.jpg", "notes.txt"):
+    (tmp_path / name).write_bytes(b"x")
+  assert [os.path.basename(i.image) for i in list_inputs(str(tmp_path), "q")] == ["a.jpg", "b.png"]
+  assert [os.path.basename(i.image) for i in list_inputs(str(tmp_path / "*.png"), "q")] == ["b.png"]
+  (tmp_path / "l.jsonl").write_text('{"image": "a.jpg", "prompt": "one"}\n\n{"image": "b.png"}\n')
+  items = list_inputs(str(tmp_path / "l.jsonl"), "default")
+  assert [(i.image, i.prompt) for i in items] == [(str(tmp_path / "a.jpg"), "one"), (str(tmp_path / "b.png"), "default")]
+  for spec, prompt, msg in [(str(tmp_path), "", "needs --config.prompt"), (str(tmp_path / "*.gif"), "q", "no images"),
+                            (str(tmp_path / "l.jsonl"), "", "no prompt"), (str(tmp_path / "none.jsonl"), "q", "no such")]:
+    with pytest.raises(InputError, match=msg):
+      list_inputs(spec, prompt)
+  (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
+  with pytest.raises(InputError, match="bad.jsonl:1"):
+    list_inputs(str(tmp_path / "bad.jsonl"), "q")
