@@ -399,10 +399,25 @@ def run_segment(config, workdir: str) -> None:
   print(f"(weights from step {step} of {workdir})" if step else "(weights from init.pretrained / init)")
 
 
+def _quantize_mode(config) -> str:
+  """config.serve.quantize, checked (a ConfigError names the choices)."""
+  from jaxlisa.inference import quantize as quant_lib  # pylint: disable=import-outside-toplevel
+  mode = config.serve.get("quantize", "")
+  if mode not in quant_lib.MODES:
+    raise cfg_lib.ConfigError(f"serve.quantize must be one of {', '.join(map(repr, quant_lib.MODES))}, got {mode!r}")
+  return mode
+
+
 def _segment_engine(config, task, params, batch_size: int):
   """The serving engine (fixed batch buckets and mask sizes: compiled once) for serve and batch segment."""
+  from jaxlisa.inference import quantize as quant_lib  # pylint: disable=import-outside-toplevel
   from jaxlisa.serving import server as server_lib  # pylint: disable=import-outside-toplevel
   col = config.data.collate
+  if _quantize_mode(config) == "int8":  # the LLM's dense kernels: int8 + a float32 scale per output channel
+    before = quant_lib.param_bytes(params)
+    params = quant_lib.quantize_params(params, where=("llava", "language_model"))
+    print(f"int8 weights for the language model: parameters {before / 2**20:.2f} MiB -> "
+          f"{quant_lib.param_bytes(params) / 2**20:.2f} MiB", flush=True)
   return server_lib.SegmentEngine(
       task.model, params, task.tokenizer, max_new_tokens=config.max_new_tokens,
       max_prompt_tokens=config.serve.max_prompt_tokens, conv_type=col.conv_type,
@@ -418,6 +433,7 @@ def _run_batch_segment(config, workdir: str) -> None:
     items = batch_lib.list_inputs(config.images, config.prompt)
   except batch_lib.InputError as e:
     _fail(prog, str(e))
+  _quantize_mode(config)
   task, params, step, _, _ = _inference_params(config, workdir)
   engine = _segment_engine(config, task, params, int(config.segment_batch_size))
   too_long = [it.prompt for it in items if engine.prompt_tokens(it.prompt) > engine.max_prompt_tokens]
@@ -441,6 +457,7 @@ def run_serve(config, workdir: str) -> None:
   segment loads them (params only, refuses random weights unless allow_random_init)."""
   from jaxlisa.serving import server as server_lib  # pylint: disable=import-outside-toplevel
   sv = config.serve
+  _quantize_mode(config)  # before the weights load
   task, params, step, _, _ = _inference_params(config, workdir)
   engine = _segment_engine(config, task, params, sv.max_batch_size)
   try:
