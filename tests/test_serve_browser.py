@@ -172,37 +172,59 @@ def test_page_in_chromium(seg_server, browser, tmp_path):
     shutil.copy(shot, os.environ["JAXLISA_SAVE_SCREENSHOT"])
 
 
-def test_batch_segment_cli(seg_server, tmp_path):
+@pytest.fixture(scope="module")
+def batch_inputs(tmp_path_factory):
+  """3 PNGs of different sizes and list.jsonl naming them with a question each."""
+  root = tmp_path_factory.mktemp("batch_inputs")
+  (root / "pics").mkdir()
+  lines = []
+  for i, (h, w) in enumerate([(40, 60), (64, 64), (75, 50)]):
+    (root / "pics" / f"img{i}.png").write_bytes(png_bytes(h, w, seed=10 + i))
+    lines.append(json.dumps({"image": f"pics/img{i}.png", "prompt": f"Where is shape {i}? Please output segmentation mask."}))
+  (root / "list.jsonl").write_text("\n".join(lines) + "\n")
+  return root
+
+
+def _batch_segment(workdir, jsonl, out, *extra: str) -> tuple[str, list[dict]]:
+  """main.py --config.mode=segment --config.images=jsonl in batches of 2 -> (stdout, results.jsonl rows)."""
+  env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  t = time.time()
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config", SPEC, "--workdir", str(workdir),
+                      "--config.mode=segment", f"--config.images={jsonl}", f"--config.segment_dir={out}",
+                      "--config.segment_batch_size=2", *SERVE_ARGS[1:], *extra], cwd=ROOT, capture_output=True,
+                     text=True, timeout=600, env=env)
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  print(f"batch segment {' '.join(extra)} of 3 images: {time.time() - t:.1f} s (process, weights, compiles)")
+  return r.stdout, [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_batch_segment_cli(seg_server, batch_inputs, tmp_path):
   """main.py --config.mode=segment --config.images=list.jsonl on 3 images (batches of 2, the
   server's buckets: the session's compilation cache serves them): one answer json + mask and overlay
   PNG per image, and each mask equals the server's for the same image and question."""
-  pics = tmp_path / "pics"
-  pics.mkdir()
-  lines = []
-  for i, (h, w) in enumerate([(40, 60), (64, 64), (75, 50)]):
-    (pics / f"img{i}.png").write_bytes(png_bytes(h, w, seed=10 + i))
-    lines.append(json.dumps({"image": f"pics/img{i}.png", "prompt": f"Where is shape {i}? Please output segmentation mask."}))
-  (tmp_path / "list.jsonl").write_text("\n".join(lines) + "\n")
   out = tmp_path / "out"
-  env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  t = time.time()
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--config", SPEC, "--workdir", str(seg_server.workdir),
-                      "--config.mode=segment", f"--config.images={tmp_path / 'list.jsonl'}", f"--config.segment_dir={out}",
-                      "--config.segment_batch_size=2", *SERVE_ARGS[1:]], cwd=ROOT, capture_output=True, text=True,
-                     timeout=600, env=env)
-  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-  print(f"batch segment of 3 images: {time.time() - t:.1f} s (process, weights, cached compiles)")
-  assert "segment 3/3 images" in r.stdout and "segmented 3 of 3 images (3 with a mask" in r.stdout, r.stdout
-  rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+  stdout, rows = _batch_segment(seg_server.workdir, batch_inputs / "list.jsonl", out)
+  assert "segment 3/3 images" in stdout and "segmented 3 of 3 images (3 with a mask" in stdout, stdout
   assert len(rows) == 3 and sorted(glob.glob(str(out / "*.json"))) == [str(out / f"0000{i}_img{i}.json") for i in range(3)]
   for i, row in enumerate(rows):
     assert row["answer"].count("[SEG]") == 1 and len(row["masks"]) == 1, row
     mask = np.asarray(Image.open(out / f"0000{i}_img{i}_mask_0.png")) > 0
     assert (out / f"0000{i}_img{i}_overlay_0.png").exists()
     np.testing.assert_array_equal(mask, _decode(row["masks"][0]))
-    status, ref = post_segment(seg_server.url, {"image": (pics / f"img{i}.png").read_bytes(), "prompt": row["prompt"]})
+    status, ref = post_segment(seg_server.url, {"image": (batch_inputs / "pics" / f"img{i}.png").read_bytes(),
+                                                "prompt": row["prompt"]})
     assert status == 200 and ref["answer"] == row["answer"], ref
     np.testing.assert_array_equal(_decode(ref["masks"][0]), mask)
+
+
+def test_batch_segment_int8(seg_workdir, batch_inputs, tmp_path):
+  """--config.serve.quantize=int8 through the whole segment path: these weights' LM kernels are
+  exact in int8 (zeros, and a one-hot lm_head), so answers and masks equal the fp32 run's."""
+  _, ref = _batch_segment(seg_workdir, batch_inputs / "list.jsonl", tmp_path / "fp32")
+  stdout, rows = _batch_segment(seg_workdir, batch_inputs / "list.jsonl", tmp_path / "int8",
+                                "--config.serve.quantize=int8")
+  assert "int8 weights for the language model" in stdout, stdout
+  assert [(r["answer"], r["masks"]) for r in rows] == [(r["answer"], r["masks"]) for r in ref]
 
 
 def test_batch_inputs(tmp_path):
