@@ -48,11 +48,15 @@ def lisa_config(text: dict, vision: dict, sam: dict, out_dim: int = 256) -> ml_c
   config.prompt = ""
   config.max_new_tokens = 64
   config.segment_dir = ""  # default: workdir/segment
+  # batch segmentation: --config.images=DIR|GLOB|list.jsonl ({"image", "prompt"} lines), this many at a time
+  config.images = ""
+  config.segment_batch_size = 4
   # --config.mode=serve: HTTP service (jaxlisa.serving.server; README "Serving")
   config.serve = ml_collections.ConfigDict(dict(
       host="127.0.0.1", port=8000, max_batch_size=4, batch_wait_ms=20.0, queue_size=32,
       max_body_bytes=16 * 1024 * 1024, max_prompt_tokens=256, max_image_pixels=4096 * 4096,
-      request_timeout_s=120.0, mask_size_multiple=256, warmup=True))
+      request_timeout_s=120.0, mask_size_multiple=256, warmup=True,
+      quantize=""))  # "int8": the LLM's dense kernels as int8 + per-channel scale (serve and batch segment)
   config.trainable = OFFICIAL_TRAINABLE
   config.ckpt.update(best_metric="eval/giou", best_mode="max")
   return config

@@ -39,13 +39,14 @@ DEFAULT_CONFIG = os.path.join(PACKAGE_CONFIGS, "lisa_tiny.py")
 MODE_HELP = {
     "train": "train (or resume) config.task to config.total_steps; checkpoints, metrics.jsonl, TensorBoard in the workdir",
     "eval": "validate the latest checkpoint of the workdir (or init.pretrained): prints the eval metrics",
-    "segment": "answer --config.prompt about --config.image and write a mask + overlay PNG per [SEG]",
+    "segment": "answer --config.prompt about --config.image (or each of --config.images=DIR|GLOB|x.jsonl) "
+               "and write a mask + overlay PNG per [SEG]",
     "serve": "HTTP service on --config.serve.host:port (GET /healthz, POST /v1/segment, GET / page); README Serving",
 }
 
 # Fields --help shows (those the selected config has), with their defaults.
 HELP_FIELDS = ("mode", "task", "total_steps", "batch_size", "grad_accum", "optim.lr", "eval_every", "ckpt_every",
-               "seed", "init.pretrained", "init.clip", "data.base_dir", "image", "prompt", "max_new_tokens",
+               "seed", "init.pretrained", "init.clip", "data.base_dir", "image", "images", "prompt", "max_new_tokens",
                "segment_dir", "allow_random_init", "mesh.data", "mesh.fsdp", "mesh.tensor")
 
 
@@ -431,12 +432,15 @@ def run_eval(config, workdir: str) -> None:
 
 def run_segment(config, workdir: str) -> None:
   """Segment images from questions: --config.image=a.jpg[,b.jpg] --config.prompt="q1[||q2]".
-  Prints each answer and writes {name}_mask_{k}.png and {name}_overlay_{k}.png per [SEG]."""
+  Prints each answer and writes {name}_mask_{k}.png and {name}_overlay_{k}.png per [SEG].
+  --config.images=DIR|GLOB|list.jsonl: batch segmentation (jaxlisa.serving.batch)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
   from jaxlisa.data.preprocess import ImageError, load_image  # pylint: disable=import-outside-toplevel
   from jaxlisa.inference import segment as seg_lib  # pylint: disable=import-outside-toplevel
   prog = os.path.basename(sys.argv[0])
+  if config.get("images", ""):
+    return _run_batch_segment(config, workdir)
   paths = [p for p in config.image.split(",") if p]
   prompts = [p for p in config.prompt.split("||") if p.strip()]
   if not paths or not prompts:
@@ -487,17 +491,67 @@ def run_segment(config, workdir: str) -> None:
   print(f"(weights from step {step} of {workdir})" if step else "(weights from init.pretrained / init)")
 
 
+def _quantize_mode(config) -> str:
+  """config.serve.quantize, checked (a ConfigError names the choices)."""
+  from jaxlisa.inference import quantize as quant_lib  # pylint: disable=import-outside-toplevel
+  mode = config.serve.get("quantize", "")
+  if mode not in quant_lib.MODES:
+    raise cfg_lib.ConfigError(f"serve.quantize must be one of {', '.join(map(repr, quant_lib.MODES))}, got {mode!r}")
+  return mode
+
+
+def _segment_engine(config, task, params, batch_size: int):
+  """The serving engine (fixed batch buckets and mask sizes: compiled once) for serve and batch segment."""
+  from jaxlisa.inference import quantize as quant_lib  # pylint: disable=import-outside-toplevel
+  from jaxlisa.serving import server as server_lib  # pylint: disable=import-outside-toplevel
+  col = config.data.collate
+  if _quantize_mode(config) == "int8":  # the LLM's dense kernels: int8 + a float32 scale per output channel
+    before = quant_lib.param_bytes(params)
+    params = quant_lib.quantize_params(params, where=("llava", "language_model"))
+    print(f"int8 weights for the language model: parameters {before / 2**20:.2f} MiB -> "
+          f"{quant_lib.param_bytes(params) / 2**20:.2f} MiB", flush=True)
+  return server_lib.SegmentEngine(
+      task.model, params, task.tokenizer, max_new_tokens=config.max_new_tokens,
+      max_prompt_tokens=config.serve.max_prompt_tokens, conv_type=col.conv_type,
+      use_mm_start_end=col.use_mm_start_end, max_length=col.model_max_length,
+      mask_size_multiple=config.serve.mask_size_multiple, max_batch_size=batch_size)
+
+
+def _run_batch_segment(config, workdir: str) -> None:
+  """--config.images=DIR|GLOB|list.jsonl, config.segment_batch_size at a time, with a progress bar."""
+  from jaxlisa.serving import batch as batch_lib  # pylint: disable=import-outside-toplevel
+  prog = os.path.basename(sys.argv[0])
+  try:
+    items = batch_lib.list_inputs(config.images, config.prompt)
+  except batch_lib.InputError as e:
+    _fail(prog, str(e))
+  _quantize_mode(config)
+  task, params, step, _, _ = _inference_params(config, workdir)
+  engine = _segment_engine(config, task, params, int(config.segment_batch_size))
+  too_long = [it.prompt for it in items if engine.prompt_tokens(it.prompt) > engine.max_prompt_tokens]
+  if too_long:
+    _fail(prog, f"{len(too_long)} prompt(s) over {engine.max_prompt_tokens} tokens, e.g. {too_long[0][:80]!r}")
+  out_dir = config.segment_dir or os.path.join(workdir, "segment")
+  bar = Progress(len(items), "segment", "image", every=int(config.segment_batch_size))
+  try:
+    rows = batch_lib.run(engine, items, out_dir, progress=bar.tick)
+  finally:
+    bar.close()
+  with_mask = sum(1 for r in rows if r.get("masks"))
+  failed = sum(1 for r in rows if "error" in r)
+  print(f"segmented {len(rows) - failed} of {len(rows)} images ({with_mask} with a mask, {failed} unreadable) "
+        f"-> {out_dir}/results.jsonl " + (f"(weights from step {step} of {workdir})" if step else
+                                          "(weights from init.pretrained / init)"), flush=True)
+
+
 def run_serve(config, workdir: str) -> None:
   """HTTP service on config.serve.host:port (jaxlisa.serving.server; README "Serving"); weights as
   segment loads them (params only, refuses random weights unless allow_random_init)."""
   from jaxlisa.serving import server as server_lib  # pylint: disable=import-outside-toplevel
   sv = config.serve
+  _quantize_mode(config)  # before the weights load
   task, params, step, _, _ = _inference_params(config, workdir)
-  col = config.data.collate
-  engine = server_lib.SegmentEngine(
-      task.model, params, task.tokenizer, max_new_tokens=config.max_new_tokens,
-      max_prompt_tokens=sv.max_prompt_tokens, conv_type=col.conv_type, use_mm_start_end=col.use_mm_start_end,
-      max_length=col.model_max_length, mask_size_multiple=sv.mask_size_multiple, max_batch_size=sv.max_batch_size)
+  engine = _segment_engine(config, task, params, sv.max_batch_size)
   try:
     server = server_lib.make_server(engine, sv, model_name=config.get("task", "lisa"),
                                     step=int(step) if step else None)

@@ -136,6 +136,53 @@ def run_main_then_resume(spec: str, workdir, stop_after: int):
   return cli.stdout, result
 
 
+# ------------------------------------------------------------------------------------------------
+# main.py --config.mode=serve as a subprocess (tests/test_serve*.py), via jaxlisa.serving.client.
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def png_bytes(h: int = 100, w: int = 140, seed: int = 0) -> bytes:
+  """A random RGB image [h, w] as PNG bytes."""
+  import io  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  buf = io.BytesIO()
+  Image.fromarray(np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
+  return buf.getvalue()
+
+
+class ServerProcess:
+  """main.py --config.mode=serve (lisa_tiny runlocal, extra `args`) on a free loopback port, ready
+  when /healthz answers 200 (pytest.fail otherwise); stop() ends it by its PID. Output in
+  workdir/server.log. Every program goes to the session's persistent compilation cache."""
+
+  def __init__(self, workdir, *args: str, ready_timeout: float = 600):
+    from jaxlisa.serving import client  # pylint: disable=import-outside-toplevel
+    self.workdir, self.port = workdir, client.free_port()
+    self.url = f"http://127.0.0.1:{self.port}"
+    self.log_path = os.path.join(str(workdir), "server.log")
+    os.makedirs(str(workdir), exist_ok=True)
+    self._log = open(self.log_path, "w")  # pylint: disable=consider-using-with
+    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    self.proc = client.launch(["--config", os.path.join(ROOT, "configs/lisa_tiny.py:runlocal"),
+                               "--workdir", str(workdir), *args], self.port, self._log, env)
+    try:
+      client.wait_ready(self.url, self.proc, ready_timeout)
+    except client.NotReadyError as e:
+      self.stop()
+      pytest.fail(f"{e}: " + self.log()[-2000:])
+
+  def log(self) -> str:
+    with open(self.log_path) as f:
+      return f.read()
+
+  def stop(self) -> None:
+    from jaxlisa.serving import client  # pylint: disable=import-outside-toplevel
+    client.stop(self.proc)
+    if not self._log.closed:
+      self._log.close()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads():
   try:

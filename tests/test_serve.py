@@ -1,92 +1,27 @@
 """main.py --config.mode=serve as a subprocess on a loopback port: every line of the HTTP contract."""
 
 import concurrent.futures
-import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
-import uuid
 
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import ROOT, ServerProcess, png_bytes
+from jaxlisa.serving.client import post_segment
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_BODY = 200_000
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _png(h=100, w=140) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "PNG")
-  return buf.getvalue()
-
-
-def _multipart(fields: dict) -> tuple[bytes, str]:
-  boundary = uuid.uuid4().hex
-  out = b""
-  for name, value in fields.items():
-    if isinstance(value, bytes):
-      head = f'Content-Disposition: form-data; name="{name}"; filename="{name}.png"\r\nContent-Type: image/png'
-    else:
-      head, value = f'Content-Disposition: form-data; name="{name}"', str(value).encode()
-    out += f"--{boundary}\r\n{head}\r\n\r\n".encode() + value + b"\r\n"
-  return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-def _post(url, fields, timeout=120):
-  body, ctype = _multipart(fields)
-  req = urllib.request.Request(url + "/v1/segment", data=body, headers={"Content-Type": ctype})
-  try:
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-      return r.status, json.loads(r.read())
-  except urllib.error.HTTPError as e:
-    return e.code, json.loads(e.read())
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-  port = _free_port()
-  work = tmp_path_factory.mktemp("serve")
-  cmd = [sys.executable, os.path.join(ROOT, "main.py"), "--config", os.path.join(ROOT, "configs/lisa_tiny.py:runlocal"),
-         "--workdir", str(work), "--config.mode=serve", f"--config.serve.port={port}",
-         "--config.allow_random_init=True", "--config.serve.max_batch_size=2", "--config.max_new_tokens=8",
-         "--config.serve.queue_size=4", f"--config.serve.max_body_bytes={MAX_BODY}"]
-  log = open(work / "server.log", "w")  # pylint: disable=consider-using-with
-  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-  url = f"http://127.0.0.1:{port}"
-  deadline = time.time() + 600
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      pytest.fail("server exited: " + (work / "server.log").read_text()[-2000:])
-    try:
-      with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
-        if r.status == 200:
-          break
-    except OSError:
-      time.sleep(1)
-  else:
-    os.kill(proc.pid, signal.SIGKILL)
-    pytest.fail("server not ready in 600 s")
-  yield url
-  os.kill(proc.pid, signal.SIGTERM)
-  try:
-    proc.wait(timeout=20)
-  except subprocess.TimeoutExpired:
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-  log.close()
+  srv = ServerProcess(tmp_path_factory.mktemp("serve"), "--config.allow_random_init=True",
+                      "--config.serve.max_batch_size=2", "--config.max_new_tokens=8", "--config.serve.queue_size=4",
+                      f"--config.serve.max_body_bytes={MAX_BODY}")
+  yield srv.url
+  srv.stop()
 
 
 def test_refuses_without_weights(tmp_path):
@@ -112,7 +47,7 @@ def test_page(server):
 
 
 def test_segment(server):
-  status, body = _post(server, {"image": _png(), "prompt": "What is the red shape? Please output segmentation mask."})
+  status, body = post_segment(server, {"image": png_bytes(), "prompt": "What is the red shape? Please output segmentation mask."})
   assert status == 200, body
   assert isinstance(body["answer"], str) and isinstance(body["masks"], list)
   for m in body["masks"]:
@@ -120,22 +55,22 @@ def test_segment(server):
   if "[SEG]" not in body["answer"]:
     assert body["masks"] == []
   # max_new_tokens caps the answer; the server still answers after it
-  status, short = _post(server, {"image": _png(), "prompt": "hi", "max_new_tokens": "1"})
+  status, short = post_segment(server, {"image": png_bytes(), "prompt": "hi", "max_new_tokens": "1"})
   assert status == 200, short
   assert isinstance(short["answer"], str)
 
 
 @pytest.mark.parametrize("fields,codes", [
     ({"image": b"not an image at all", "prompt": "hi"}, (400,)),
-    ({"image": _png()[:60], "prompt": "hi"}, (400,)),
+    ({"image": png_bytes()[:60], "prompt": "hi"}, (400,)),
     ({"prompt": "hi"}, (400, 422)),
-    ({"image": _png()}, (400, 422)),
-    ({"image": _png(), "prompt": "word " * 400}, (400, 413)),
-    ({"image": _png(), "prompt": "hi", "max_new_tokens": "many"}, (400, 422)),
+    ({"image": png_bytes()}, (400, 422)),
+    ({"image": png_bytes(), "prompt": "word " * 400}, (400, 413)),
+    ({"image": png_bytes(), "prompt": "hi", "max_new_tokens": "many"}, (400, 422)),
     ({"image": os.urandom(MAX_BODY + 10), "prompt": "hi"}, (413,)),
 ])
 def test_bad_requests(server, fields, codes):
-  status, body = _post(server, fields)
+  status, body = post_segment(server, fields)
   assert status in codes, (status, body)
   assert isinstance(body["error"], str) and "Traceback" not in body["error"]
   with urllib.request.urlopen(server + "/healthz", timeout=10) as r:  # still serving
@@ -145,7 +80,7 @@ def test_bad_requests(server, fields, codes):
 def test_concurrent(server):
   """16 at once against a queue of 4: every one answers 200 or 503 (JSON), none hangs."""
   def one(i):
-    return _post(server, {"image": _png(80 + i, 90), "prompt": f"Where is shape {i}? Please output segmentation mask."},
+    return post_segment(server, {"image": png_bytes(80 + i, 90), "prompt": f"Where is shape {i}? Please output segmentation mask."},
                  timeout=120)
   with concurrent.futures.ThreadPoolExecutor(16) as pool:
     results = list(pool.map(one, range(16), timeout=180))
