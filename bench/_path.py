@@ -1,0 +1,10 @@
+"""`python bench/<script>.py` (how the README runs them, from a checkout without an install) puts
+bench/ on sys.path, not the repository root; importing this module adds the root once, so the
+scripts import jaxlisa, configs, bench and tests as packages."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
