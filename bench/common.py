@@ -26,10 +26,14 @@ def timeit(fn: Callable[[], object], *, warmup: int = 1, iters: int = 5) -> floa
 
 def machine() -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-          "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
-          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+  info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
+          "jax": jax.__version__, "jax_backend": jax.default_backend(),
+          "jax_devices": [str(d) for d in jax.devices()]}
+  try:  # bench/gpu.py runs without PyTorch
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return info
+  return {**info, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
           "torch_cuda": torch.cuda.is_available()}
 
 
