@@ -25,13 +25,10 @@ Compile time (jaxlisa's first call) is excluded and reported under compile_s. fp
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+import _path  # noqa: F401,E402  pylint: disable=unused-import  (the repo root on sys.path)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -26,25 +26,40 @@ def timeit(fn: Callable[[], object], *, warmup: int = 1, iters: int = 5) -> floa
 
 def machine() -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-          "jax_backend": jax.default_backend(), "jax_devices": [str(d) for d in jax.devices()],
-          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+  info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "load_avg": os.getloadavg(),
+          "jax": jax.__version__, "jax_backend": jax.default_backend(),
+          "jax_devices": [str(d) for d in jax.devices()]}
+  try:  # bench/gpu.py runs without PyTorch
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return info
+  return {**info, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
           "torch_cuda": torch.cuda.is_available()}
 
 
+def limit_fraction(roof: dict | None) -> str:
+  """'58%' from a bench.roofline rate / bandwidth_fraction dict ('' without one)."""
+  if not roof:
+    return ""
+  frac = roof.get("fraction_of_peak", roof.get("fraction_of_bandwidth"))
+  return f"{100 * frac:.0f}%"
+
+
 def report(name: str, rows: list[dict], extra: dict | None = None) -> str:
-  """Print `rows` (each: case, unit, jaxlisa, torch, higher_is_better) with ratios; save JSON."""
+  """Print `rows` (each: case, unit, jaxlisa, torch, higher_is_better, optional jaxlisa_roofline)
+  with ratios; save JSON."""
   print(f"\n{name}: jaxlisa vs PyTorch original (same machine, same run)")
-  print(f"{'case':44s} {'jaxlisa':>12s} {'pytorch':>12s} {'unit':>8s} {'speedup':>8s}")
+  print(f"{'case':44s} {'jaxlisa':>12s} {'pytorch':>12s} {'unit':>8s} {'speedup':>8s} {'of limit':>9s}")
   for r in rows:
     hib = r.get("higher_is_better", False)
     r["speedup"] = (r["jaxlisa"] / r["torch"]) if hib else (r["torch"] / r["jaxlisa"])
-    print(f"{r['case']:44s} {r['jaxlisa']:12.4g} {r['torch']:12.4g} {r['unit']:>8s} {r['speedup']:7.2f}x")
+    print(f"{r['case']:44s} {r['jaxlisa']:12.4g} {r['torch']:12.4g} {r['unit']:>8s} {r['speedup']:7.2f}x "
+          f"{limit_fraction(r.get('jaxlisa_roofline')):>9s}")
   os.makedirs(RESULTS_DIR, exist_ok=True)
   path = os.path.join(RESULTS_DIR, f"{name}.json")
   with open(path, "w") as f:
     json.dump({"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(),
                "rows": rows, **(extra or {})}, f, indent=2)
-  print(f"(speedup > 1 means jaxlisa is faster; saved {path})")
+  print(f"(speedup > 1 means jaxlisa is faster; of limit: jaxlisa's fraction of the matmul peak, or for "
+        f"decode of the copy bandwidth, measured in this run (bench/roofline.py); saved {path})")
   return path

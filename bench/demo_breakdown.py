@@ -16,11 +16,10 @@ import argparse
 import collections
 import json
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _path  # noqa: F401,E402  pylint: disable=unused-import  (the repo root on sys.path)
 
 
 def _tuples(x):

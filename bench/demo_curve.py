@@ -13,7 +13,7 @@ import os
 import struct
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _path  # noqa: F401,E402  pylint: disable=unused-import  (the repo root on sys.path)
 
 from bench.common import RESULTS_DIR  # noqa: E402
 

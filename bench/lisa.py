@@ -35,6 +35,11 @@ Cases:
                images with PyTorch cached runs; then both sides decode masks for those tokens.
                Checked: generated tokens identical, mask logits max abs diff.
 
+The train step is also given as achieved FLOP/s and fraction of XLA's fp32 matmul peak measured in
+the same run (bench/roofline.py): CLIP and SAM image encoder forwards once per image (frozen: no
+gradient flows into them) + 3x the LLM forward on jaxlisa's [I*J, T] rows; the mask decoder, prompt
+encoder and losses are not counted.
+
 Compile time (jaxlisa's first train step / first segment call) is excluded from the timings and
 reported in the JSON under compile_s. Timings on a shared CPU are noisy.
 """
@@ -43,13 +48,10 @@ import argparse
 import functools
 import json
 import os
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+import _path  # noqa: F401,E402  pylint: disable=unused-import  (the repo root on sys.path)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -60,8 +62,9 @@ import torch.nn.functional as F  # noqa: E402
 import transformers as tf  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
+from bench import roofline  # noqa: E402
 from bench.common import report, timeit  # noqa: E402
-from conftest import stub_torchvision  # noqa: E402
+from tests.conftest import stub_torchvision  # noqa: E402
 
 stub_torchvision()
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer  # noqa: E402,E501
@@ -364,7 +367,7 @@ def trainer_config(conv_config, a, total_steps=5000):
   return c
 
 
-def bench_train(ref, conv, a, config, task, workdir, extra):
+def bench_train(ref, conv, a, config, task, workdir, extra, limits):
   seg = conv.config.seg_token_idx
   rs = np.random.RandomState(0)
   b = make_batch(rs, a, seg, seg + 1, seg + 2, ref["n_tokens"])
@@ -440,7 +443,11 @@ def bench_train(ref, conv, a, config, task, workdir, extra):
     m.eval()
   print(f"train losses jax {losses_j}\n             torch {losses_t}")
   t_len = b["ids"].shape[1] - 1 + ref["n_tokens"]
+  c = conv.config
+  flops = (roofline.clip_vision_flops(c.llava.vision, len(CONVS)) + roofline.sam_encoder_flops(c.sam, len(CONVS))
+           + 3 * roofline.decoder_flops(c.llava.text, len(CONVS) * max(CONVS), t_len))
   return {"case": f"train step 2 img x (3+2) conv, seq {t_len}", "unit": "s", "jaxlisa": tj, "torch": tt,
+          "jaxlisa_roofline": limits.rate("jaxlisa LISA train step", flops, tj),
           "first_loss_jax": losses_j[0], "first_loss_torch": losses_t[0],
           "first_loss_abs_diff": abs(losses_j[0] - losses_t[0]),
           "trained_params_jax": trainer.num_trainable, "trained_params_torch": n_torch}
@@ -528,10 +535,11 @@ def main():
   ap.add_argument("--probe_images", type=int, default=6)
   a = ap.parse_args()
   t_start = time.perf_counter()
+  limits = roofline.Roofline.measure()
   ref = build_reference(a)
   seg = a.vocab - 3  # [SEG], <im_start>, <im_end> at the top of the vocabulary
   conv = convert(ref, a, seg)
-  extra = {"config": vars(a), "compile_s": {}}
+  extra = {"config": vars(a), "compile_s": {}, "roofline": limits.as_dict()}
   with tempfile.TemporaryDirectory() as workdir:
     config = trainer_config(conv.config, a)
     t0 = time.perf_counter()
@@ -540,7 +548,7 @@ def main():
     extra["task_init_s"] = round(time.perf_counter() - t0, 1)
     # segment first: the train step updates the PyTorch weights in place
     seg_rows = bench_segment(ref, conv, a, task.tokenizer, extra)
-    rows = [bench_train(ref, conv, a, config, task, workdir, extra)] + seg_rows
+    rows = [bench_train(ref, conv, a, config, task, workdir, extra, limits)] + seg_rows
   extra["notes"] = [
       "2 shared CPU cores (other jobs running): timings are noisy",
       "LoRA (peft not installed) replaced by full q_proj/v_proj kernels on both sides",

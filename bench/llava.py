@@ -9,11 +9,9 @@ random weights on both sides (converted with jaxlisa's converter); fp32.
 """
 
 import argparse
-import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _path  # noqa: F401,E402  pylint: disable=unused-import  (the repo root on sys.path)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -2,33 +2,33 @@
 
   python bench/vision.py [--iters 3]
 
-Cases (batch 1, fp32, random weights shared through jaxlisa's converters):
+Cases (batch 1, fp32, random weights shared through jaxlisa's converters), each also as achieved
+FLOP/s and fraction of XLA's fp32 matmul peak measured in the same run (bench/roofline.py; model
+FLOPs from the config's shapes):
   SAM image encoder ViT-B at 1024 px   vs segment-anything's ImageEncoderViT (build_sam_vit_b)
   CLIP ViT-L/14 at 224 px             vs transformers' CLIPVisionModel
 """
 
 import argparse
 import os
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+import _path  # noqa: F401,E402  pylint: disable=unused-import  (the repo root on sys.path)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench import roofline  # noqa: E402
 from bench.common import report, timeit  # noqa: E402
 from jaxlisa.conversion.convert import convert_checkpoint  # noqa: E402
 from jaxlisa.models import clip as clip_lib  # noqa: E402
 from jaxlisa.models import sam as sam_lib  # noqa: E402
 
 
-def bench_sam(iters):
-  from conftest import stub_torchvision  # pylint: disable=import-outside-toplevel
+def bench_sam(iters, limits):
+  from tests.conftest import stub_torchvision  # pylint: disable=import-outside-toplevel
   stub_torchvision()
   from segment_anything import build_sam_vit_b  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
@@ -48,11 +48,13 @@ def bench_sam(iters):
     want = ref.image_encoder(xt)
     tt = timeit(lambda: ref.image_encoder(xt), warmup=0, iters=iters)
   err = float(np.abs(np.asarray(out) - want.permute(0, 2, 3, 1).numpy()).max())
+  flops = roofline.sam_encoder_flops(conv.config)
   return {"case": "SAM ViT-B image encoder, 1x1024x1024", "unit": "s", "jaxlisa": tj, "torch": tt,
-          "max_abs_diff": err}
+          "max_abs_diff": err, "jaxlisa_roofline": limits.rate("jaxlisa SAM image encoder", flops, tj),
+          "torch_roofline": limits.rate("pytorch SAM image encoder", flops, tt)}
 
 
-def bench_clip(iters):
+def bench_clip(iters, limits):
   import transformers as tf  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
   cfg = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
@@ -76,15 +78,19 @@ def bench_clip(iters):
     want = run()
     tt = timeit(run, warmup=0, iters=iters)
   err = float(np.abs(np.asarray(out) - want.numpy()).max())
+  flops = roofline.clip_vision_flops(conv.config)
   return {"case": "CLIP ViT-L/14 vision tower, 1x224x224", "unit": "s", "jaxlisa": tj, "torch": tt,
-          "max_abs_diff": err}
+          "max_abs_diff": err, "jaxlisa_roofline": limits.rate("jaxlisa CLIP vision tower", flops, tj),
+          "torch_roofline": limits.rate("pytorch CLIP vision tower", flops, tt)}
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--iters", type=int, default=3)
   a = ap.parse_args()
-  report("vision", [bench_sam(a.iters), bench_clip(a.iters)], {"config": vars(a)})
+  limits = roofline.Roofline.measure()
+  rows = [bench_sam(a.iters, limits), bench_clip(a.iters, limits)]
+  report("vision", rows, {"config": vars(a), "roofline": limits.as_dict()})
 
 
 if __name__ == "__main__":
