@@ -106,7 +106,7 @@ MAIN_PROBES = [
                         "--config.model.family=mistral"], "family"),
     Probe("eval with another width than its checkpoint", "main",
           lambda t, f: ["--config", LM, "--workdir", _copy_workdir(f.lm_workdir, os.path.join(t, "wd")),
-                        "--config.mode=eval", "--config.model.hidden_size=96"], "hidden_size"),
+                        "--config.mode=eval", "--config.model.hidden_size=96"], "does not fit the model"),
     Probe("segment with a directory as image", "main",
           lambda t, f: _seg(t, f"--config.image={t}", "--config.prompt=Which shape is red?"), "image"),
     Probe("segment with a missing image", "main",

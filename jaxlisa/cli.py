@@ -456,7 +456,10 @@ def run_segment(config, workdir: str) -> None:
   except (ImageError, FileNotFoundError) as e:
     _fail(prog, str(e))
   from jaxlisa import tasks  # pylint: disable=import-outside-toplevel
+  from jaxlisa.training import inference_params as ip  # pylint: disable=import-outside-toplevel
   task = tasks.get_task(config, workdir)
+  if config.allow_random_init and ip.ckpt_lib.find_params(workdir) is None and not ip.has_pretrained(config):
+    task.prepare()  # random weights on a fresh workdir: the tokenizer the prompt check reads comes from prepare()
   col = config.data.collate
   try:  # before the weights are loaded: the tokenizer and the model config say whether prompts fit
     seg_lib.check_prompts(task.model.config, task.tokenizer, prompts, max_new_tokens=config.max_new_tokens,
@@ -464,7 +467,7 @@ def run_segment(config, workdir: str) -> None:
                           max_length=col.model_max_length)
   except seg_lib.PromptTooLongError as e:
     _fail(prog, str(e))
-  task, params, step, _, _ = _inference_params(config, workdir, task)
+  task, params, step, _, _ = _inference_params(config, workdir, task=task)
   out_dir = config.segment_dir or os.path.join(workdir, "segment")
   os.makedirs(out_dir, exist_ok=True)
   bar = Progress(len(images), "segment", "image", every=1)
