@@ -521,9 +521,28 @@ def run(args) -> int:
   return 0
 
 
+def _fake_devices_early(argv) -> None:
+  """The config file (parsed with the flags) imports models/ and so jax: the CPU proxy's device count
+  must be in XLA_FLAGS before that, so read --devices / --target from argv here."""
+  opts = {}
+  for i, a in enumerate(argv):
+    for name in ("devices", "target", "platform"):
+      if a == f"--{name}" and i + 1 < len(argv):
+        opts[name] = argv[i + 1]
+      elif a.startswith(f"--{name}="):
+        opts[name] = a.split("=", 1)[1]
+  if opts.get("platform", "cpu") != "cpu" or "jax" in sys.modules:
+    return
+  n = opts.get("devices") or (TARGETS.get(opts.get("target", ""), {}).get("devices"))
+  if n and str(n).isdigit():
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 def _absl_main() -> None:
   """As main.py: absl's app.run, with the flags (and absl's own: --help, logging) in absl's FLAGS."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel
+  _fake_devices_early(sys.argv[1:])
   parsed = {}
 
   def parser(argv):
