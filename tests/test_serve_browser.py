@@ -40,7 +40,7 @@ def write_seg_checkpoint(workdir: str) -> None:
   from jaxlisa import tasks  # pylint: disable=import-outside-toplevel
   from jaxlisa.training import optimizer as optim_lib  # pylint: disable=import-outside-toplevel
   config = cfg_lib.load_config(SPEC)
-  task = tasks.get_task(config, workdir)
+  task = tasks.prepared_task(config, workdir)  # the tokenizer the server reads from workdir/tokenizer
   abstract = nn.meta.unbox(jax.eval_shape(task.init, jax.random.PRNGKey(0)))
   rng = np.random.default_rng(0)
   flat = {}
