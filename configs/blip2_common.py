@@ -54,6 +54,11 @@ def stage1_config(vision: dict, qformer: dict, **model) -> ml_collections.Config
   config.frozen = FROZEN_VIT
   config.optim.update(lr=1e-4, schedule="cosine", min_lr=1e-5, warmup_steps=5000, b1=0.9, b2=0.999,
                       weight_decay=0.05)
+  # --config.mode=caption --config.image=a.jpg[,b.jpg]: the Q-Former's captions (LAVIS
+  # Blip2Qformer.generate's defaults: 3 beams; use_nucleus_sampling samples with top_p instead)
+  config.image = ""
+  config.caption = ml_collections.ConfigDict(dict(num_beams=3, max_length=30, min_length=10, repetition_penalty=1.0,
+                                                  use_nucleus_sampling=False, top_p=0.9))
   config.ckpt.best_metric = "eval/i2t_r1"
   config.ckpt.best_mode = "max"
   return config
@@ -72,6 +77,13 @@ def minigpt4qwen_config(vision: dict, qformer: dict, llm: dict, **model) -> ml_c
   config.data = data()
   config.data.update(train_ann="instructions_train.json", val_ann="instructions_val.json", vocab_size=600)
   config.trainable = ()
+  # --config.mode=chat --config.image=a.jpg[,b.jpg] --config.prompt="question[||question]": one ChatML
+  # turn per image (greedy as the original's chat demo; chat.do_sample samples with top_p / temperature)
+  config.image = ""
+  config.prompt = ""
+  config.max_new_tokens = 64
+  config.chat = ml_collections.ConfigDict(dict(do_sample=False, top_p=0.8, top_k=0, temperature=1.0,
+                                               repetition_penalty=1.0))
   config.optim.update(lr=1e-4, schedule="cosine", min_lr=1e-6, warmup_steps=500, b1=0.9, b2=0.999,
                       weight_decay=0.05)
   return config

@@ -47,7 +47,7 @@ def mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.Confi
 
 def trainer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Fill the generic trainer fields every training config has (callers override after)."""
-  config.mode = "train"  # train | eval | segment (main.py --help lists the modes)
+  config.mode = "train"  # train | eval | segment | serve | caption | chat (main.py --help lists them)
   # eval / segment on a workdir without a checkpoint and without init.pretrained stop (exit 2);
   # True runs them on random weights instead (smoke tests only)
   config.allow_random_init = False

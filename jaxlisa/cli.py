@@ -6,9 +6,9 @@
   python main.py --help                                      # modes and the config's main fields
 
 `config.mode` picks what to run (MODES). The resolved config is written to DIR/config.json; a run
-in a workdir that has checkpoints resumes from the latest one. eval and segment read parameters
-only (jaxlisa/training/inference_params.py) and refuse to run on random weights unless
---config.allow_random_init=True.
+in a workdir that has checkpoints resumes from the latest one. eval, segment, serve, caption (BLIP-2)
+and chat (MiniGPT4-Qwen) read parameters only (jaxlisa/training/inference_params.py) and refuse to
+run on random weights unless --config.allow_random_init=True.
 
 `--config configs/x.py` is a path relative to the working directory; when no such file exists there
 the packaged configs (installed next to jaxlisa by `pip install .`) are used.
@@ -42,12 +42,20 @@ MODE_HELP = {
     "segment": "answer --config.prompt about --config.image (or each of --config.images=DIR|GLOB|x.jsonl) "
                "and write a mask + overlay PNG per [SEG]",
     "serve": "HTTP service on --config.serve.host:port (GET /healthz, POST /v1/segment, GET / page); README Serving",
+    "caption": "BLIP-2 (configs/blip2_*.py): print a caption of each --config.image (config.caption: beams or "
+               "nucleus sampling)",
+    "chat": "MiniGPT4-Qwen (configs/minigpt4qwen*.py): answer --config.prompt about each --config.image (ChatML)",
 }
+
+# Modes that run one kind of task (config.task), and the configs that have it.
+MODE_TASKS = {"caption": (("blip2_stage1",), "configs/blip2_tiny.py, configs/blip2_stage1.py"),
+              "chat": (("minigpt4qwen",), "configs/minigpt4qwen_tiny.py, configs/minigpt4qwen.py")}
 
 # Fields --help shows (those the selected config has), with their defaults.
 HELP_FIELDS = ("mode", "task", "total_steps", "batch_size", "grad_accum", "optim.lr", "eval_every", "ckpt_every",
                "seed", "init.pretrained", "init.clip", "data.base_dir", "image", "images", "prompt", "max_new_tokens",
-               "segment_dir", "allow_random_init", "mesh.data", "mesh.fsdp", "mesh.tensor")
+               "segment_dir", "caption.num_beams", "caption.use_nucleus_sampling", "chat.do_sample",
+               "allow_random_init", "mesh.data", "mesh.fsdp", "mesh.tensor")
 
 
 class _QuietTpuProbe(py_logging.Filter):
@@ -139,6 +147,9 @@ def help_text(prog: str, spec: str, config) -> str:
             f"  {prog} --config configs/lisa_tiny.py:runlocal --workdir /tmp/lisa      # a 4-step smoke run",
             f"  {prog} --config configs/lisa_tiny.py --workdir W --config.mode=segment "
             "--config.image=a.jpg --config.prompt='Which shape is red? Please output segmentation mask.'",
+            f"  {prog} --config configs/blip2_tiny.py --workdir W --config.mode=caption --config.image=a.jpg,b.jpg",
+            f"  {prog} --config configs/minigpt4qwen_tiny.py --workdir W --config.mode=chat --config.image=a.jpg "
+            "--config.prompt='What colour is the circle?'",
             "", "--helpfull lists every absl flag (logging etc.)."]
   return "\n".join(lines) + "\n"
 
@@ -430,31 +441,53 @@ def run_eval(config, workdir: str) -> None:
   print(f"eval at step {step}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
 
 
-def run_segment(config, workdir: str) -> None:
-  """Segment images from questions: --config.image=a.jpg[,b.jpg] --config.prompt="q1[||q2]".
-  Prints each answer and writes {name}_mask_{k}.png and {name}_overlay_{k}.png per [SEG].
-  --config.images=DIR|GLOB|list.jsonl: batch segmentation (jaxlisa.serving.batch)."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  from jaxlisa.data.preprocess import ImageError, load_image  # pylint: disable=import-outside-toplevel
-  from jaxlisa.inference import segment as seg_lib  # pylint: disable=import-outside-toplevel
+def _images_and_prompts(config, mode: str, with_prompts: bool = True) -> tuple[list[str], list[str]]:
+  """--config.image=a.jpg[,b.jpg] and --config.prompt="q1[||q2]" paired (one of either goes with every
+  one of the other); exit 2 with one line when they are missing or do not pair."""
   prog = os.path.basename(sys.argv[0])
-  if config.get("images", ""):
-    return _run_batch_segment(config, workdir)
   paths = [p for p in config.image.split(",") if p]
+  if not with_prompts:
+    if not paths:
+      _fail(prog, f"{mode} mode needs --config.image=PATH[,PATH...]")
+    return paths, []
   prompts = [p for p in config.prompt.split("||") if p.strip()]
   if not paths or not prompts:
-    _fail(prog, "segment mode needs --config.image=PATH[,PATH...] and --config.prompt=TEXT[||TEXT...]")
+    _fail(prog, f"{mode} mode needs --config.image=PATH[,PATH...] and --config.prompt=TEXT[||TEXT...]")
   if len(prompts) == 1:
     prompts = prompts * len(paths)
   if len(paths) == 1:
     paths = paths * len(prompts)
   if len(paths) != len(prompts):
     _fail(prog, f"{len(paths)} images for {len(prompts)} prompts")
+  return paths, prompts
+
+
+def _load_images(paths: list[str], exif_transpose: bool = True) -> list:
+  """uint8 RGB arrays of `paths`; a missing or unreadable image: exit 2 with one line naming it."""
+  from jaxlisa.data.preprocess import ImageError, load_image  # pylint: disable=import-outside-toplevel
   try:
-    images = [load_image(p) for p in paths]
+    return [load_image(p, exif_transpose=exif_transpose) for p in paths]
   except (ImageError, FileNotFoundError) as e:
-    _fail(prog, str(e))
+    _fail(os.path.basename(sys.argv[0]), str(e))
+  return []
+
+
+def _weights_note(step, workdir: str) -> str:
+  return f"(weights from step {step} of {workdir})" if step else "(weights from init.pretrained / init)"
+
+
+def run_segment(config, workdir: str) -> None:
+  """Segment images from questions: --config.image=a.jpg[,b.jpg] --config.prompt="q1[||q2]".
+  Prints each answer and writes {name}_mask_{k}.png and {name}_overlay_{k}.png per [SEG].
+  --config.images=DIR|GLOB|list.jsonl: batch segmentation (jaxlisa.serving.batch)."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from jaxlisa.inference import segment as seg_lib  # pylint: disable=import-outside-toplevel
+  prog = os.path.basename(sys.argv[0])
+  if config.get("images", ""):
+    return _run_batch_segment(config, workdir)
+  paths, prompts = _images_and_prompts(config, "segment")
+  images = _load_images(paths)
   from jaxlisa import tasks  # pylint: disable=import-outside-toplevel
   from jaxlisa.training import inference_params as ip  # pylint: disable=import-outside-toplevel
   task = tasks.get_task(config, workdir)
@@ -491,7 +524,7 @@ def run_segment(config, workdir: str) -> None:
       Image.fromarray((m * 255).astype(np.uint8)).save(os.path.join(out_dir, f"{name}_mask_{k}.png"))
       Image.fromarray(seg_lib.overlay(image, m)).save(os.path.join(out_dir, f"{name}_overlay_{k}.png"))
       print(f"  mask {k}: {int(m.sum())} pixels -> {out_dir}/{name}_mask_{k}.png, {name}_overlay_{k}.png")
-  print(f"(weights from step {step} of {workdir})" if step else "(weights from init.pretrained / init)")
+  print(_weights_note(step, workdir))
 
 
 def _quantize_mode(config) -> str:
@@ -543,8 +576,7 @@ def _run_batch_segment(config, workdir: str) -> None:
   with_mask = sum(1 for r in rows if r.get("masks"))
   failed = sum(1 for r in rows if "error" in r)
   print(f"segmented {len(rows) - failed} of {len(rows)} images ({with_mask} with a mask, {failed} unreadable) "
-        f"-> {out_dir}/results.jsonl " + (f"(weights from step {step} of {workdir})" if step else
-                                          "(weights from init.pretrained / init)"), flush=True)
+        f"-> {out_dir}/results.jsonl " + _weights_note(step, workdir), flush=True)
 
 
 def run_serve(config, workdir: str) -> None:
@@ -575,11 +607,80 @@ def run_serve(config, workdir: str) -> None:
     server.app.close()
 
 
+def run_caption(config, workdir: str) -> None:
+  """Captions of --config.image=a.jpg[,b.jpg]: BLIP-2 stage 1's Q-Former ITG decoder (LAVIS
+  `Blip2Qformer.generate`: config.caption's beams, or nucleus sampling with top_p), one line per image.
+  Images are read as LAVIS reads them (PIL RGB, no EXIF rotation) and resized by the task's eval transform."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxlisa.inference import captioning  # pylint: disable=import-outside-toplevel
+  paths, _ = _images_and_prompts(config, "caption", with_prompts=False)
+  images = _load_images(paths, exif_transpose=False)
+  task, params, step, _, _ = _inference_params(config, workdir)
+  c = config.caption
+  opts = dict(num_beams=int(c.num_beams), max_length=int(c.max_length), min_length=int(c.min_length),
+              repetition_penalty=float(c.repetition_penalty), use_nucleus_sampling=bool(c.use_nucleus_sampling),
+              top_p=float(c.top_p))
+  bar = Progress(len(images), "caption", "image", every=1)
+  captions = []
+  try:
+    for i, image in enumerate(images):
+      captions += captioning.qformer_caption_texts(task.model, params, task.tokenizer, task.processor(image)[None],
+                                                   rng=jax.random.PRNGKey(config.seed + i), **opts)
+      bar.tick(i + 1)
+  finally:
+    bar.close()
+  for path, text in zip(paths, captions):
+    print(f"[{path}] {text}")
+  how = f"nucleus sampling top_p={opts['top_p']}" if opts["use_nucleus_sampling"] else (
+      f"{opts['num_beams']} beams" if opts["num_beams"] > 1 else "greedy")
+  print(f"({how}; {_weights_note(step, workdir)[1:]}", flush=True)
+
+
+def run_chat(config, workdir: str) -> None:
+  """MiniGPT4-Qwen answers: one ChatML turn per image (--config.image=a.jpg[,b.jpg]
+  --config.prompt="q1[||q2]"; "<Img><ImageHere></Img> " goes in front of a question without
+  <ImageHere>, as the original chat demo), greedy unless config.chat.do_sample."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from jaxlisa import tasks  # pylint: disable=import-outside-toplevel
+  from jaxlisa.data import chatml  # pylint: disable=import-outside-toplevel
+  from jaxlisa.inference import multimodal  # pylint: disable=import-outside-toplevel
+  from jaxlisa.training import inference_params as ip  # pylint: disable=import-outside-toplevel
+  prog = os.path.basename(sys.argv[0])
+  paths, prompts = _images_and_prompts(config, "chat")
+  images = _load_images(paths, exif_transpose=False)
+  task = tasks.get_task(config, workdir)
+  if config.allow_random_init and ip.ckpt_lib.find_params(workdir) is None and not ip.has_pretrained(config):
+    task.prepare()  # random weights on a fresh workdir: the tokenizer comes from prepare()
+  mc = task.model_config
+  longest = max(len(chatml.chat_ids(task.tokenizer, p, mc.num_query_tokens)) for p in prompts)
+  if longest + config.max_new_tokens > mc.llm.max_position_embeddings:  # before the weights load
+    _fail(prog, f"a prompt of {longest} tokens (with the image's {mc.num_query_tokens}) plus max_new_tokens "
+          f"{config.max_new_tokens} is more than the model's {mc.llm.max_position_embeddings} positions")
+  task, params, step, _, _ = _inference_params(config, workdir, task=task)
+  c = config.chat
+  opts = dict(max_new_tokens=int(config.max_new_tokens), do_sample=bool(c.do_sample), top_p=float(c.top_p),
+              top_k=int(c.top_k), temperature=float(c.temperature), repetition_penalty=float(c.repetition_penalty))
+  bar = Progress(len(images), "chat", "image", every=1)
+  answers = []
+  try:
+    for i, (image, prompt) in enumerate(zip(images, prompts)):
+      answers += multimodal.minigpt4qwen_chat(task.model, params, task.tokenizer, task.processor(image)[None],
+                                              [prompt], rng=jax.random.PRNGKey(config.seed + i), **opts)
+      bar.tick(i + 1)
+  finally:
+    bar.close()
+  for path, prompt, answer in zip(paths, prompts, answers):
+    print(f"[{path}] {prompt}\n  answer: {answer}")
+  print(_weights_note(step, workdir), flush=True)
+
+
 MODES = {
     "train": run_train,
     "eval": run_eval,
     "segment": run_segment,
     "serve": run_serve,
+    "caption": run_caption,
+    "chat": run_chat,
 }
 
 
@@ -601,6 +702,9 @@ def _main(prog: str, config) -> None:
   mode = config.get("mode", "train")
   if mode not in MODES:
     _fail(prog, f"unknown config.mode {mode!r}; known: {', '.join(MODES)}")
+  if mode in MODE_TASKS and config.get("task", "lisa") not in MODE_TASKS[mode][0]:
+    _fail(prog, f"{mode} mode runs task {' / '.join(MODE_TASKS[mode][0])} ({MODE_TASKS[mode][1]}); "
+          f"this config's task is {config.get('task', 'lisa')!r}")
   cfg_lib.check_run_config(config)  # sizes, step counts, init.* paths: before anything is built
   workdir = flags.FLAGS.workdir or default_workdir(_config_spec(sys.argv))
   if mode != "train":

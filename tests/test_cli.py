@@ -18,7 +18,7 @@ def _run(*args, cwd=ROOT, timeout=120):
 def test_help_exits_0_and_lists_modes_and_fields():
   r = _run("main.py", "--help")
   assert r.returncode == 0, r.stderr
-  for mode in ("train", "eval", "segment"):
+  for mode in ("train", "eval", "segment", "serve", "caption", "chat"):
     assert f"\n  {mode} " in r.stdout
   for field in ("--config.mode", "--config.total_steps", "--config.batch_size", "--config.init.pretrained",
                 "--config.image", "--config.prompt", "--config.allow_random_init", "--workdir"):

@@ -2,8 +2,9 @@
 
 `preprocess` reproduces the original `preprocess` exactly (target masking, padding, truncation; its
 `content.replace("<|extra_0|>", "")` discards its result, so a literal placeholder in user text is
-kept, and so it is here); `chat_prompt` is Qwen's chatml `make_context` text; `check_placeholders`
-says when a batch does not hold one run of image placeholders per image.
+kept, and so it is here); `chat_prompt` is Qwen's chatml `make_context` text and `chat_ids` its tokens (each part tokenized
+apart, as make_context and `preprocess` do), `<ImageHere>` expanded; `check_placeholders` says when
+a batch does not hold one run of image placeholders per image.
 """
 
 from __future__ import annotations
@@ -91,3 +92,25 @@ def chat_prompt(query: str, history: Sequence[tuple[str, str]] = (), system: str
   for q, r in history:
     text += f"\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{r}<|im_end|>"
   return text + f"\n<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def chat_ids(tokenizer, query: str, image_len: int, history: Sequence[tuple[str, str]] = (),
+             system: str = SYSTEM_MESSAGE, image_token: str = IMAGE_TOKEN) -> list[int]:
+  """The tokens of `chat_prompt(query, history, system)` as Qwen's chatml `make_context` builds them
+  (role and content tokenized apart, joined by the newline's ids; the same pieces `preprocess`
+  trains on), `<ImageHere>` in the query expanded to image_len placeholders. A query without
+  `<ImageHere>` gets MiniGPT4-Qwen's "<Img><ImageHere></Img> " in front (its chat demo's form)."""
+  if IMAGE_PLACEHOLDER not in query:
+    query = f"<Img>{IMAGE_PLACEHOLDER}</Img> {query}"
+  query = query.replace(IMAGE_PLACEHOLDER, image_token * image_len)
+  im_start = _token_id(tokenizer, "im_start_id", "<|im_start|>")
+  im_end = _token_id(tokenizer, "im_end_id", "<|im_end|>")
+  nl = _ids(tokenizer, "\n")
+
+  def turn(role: str, content: str) -> list[int]:
+    return [im_start] + _ids(tokenizer, role) + nl + _ids(tokenizer, content) + [im_end]
+
+  ids = turn("system", system)
+  for q, r in history:
+    ids += nl + turn("user", q) + nl + turn("assistant", r)
+  return ids + nl + turn("user", query) + nl + [im_start] + _ids(tokenizer, "assistant") + nl

@@ -1,7 +1,8 @@
 """Captions of the BLIP family, decoded with HF `generate`'s semantics (jaxlisa.inference.beam_search):
 
   blip_captions     BLIP (LAVIS `BlipCaption.generate`, HF `BlipForConditionalGeneration.generate`)
-  qformer_captions  BLIP-2 stage 1 from the Q-Former's own LM head (LAVIS `Blip2Qformer.generate`)
+  qformer_captions  BLIP-2 stage 1 from the Q-Former's own LM head (LAVIS `Blip2Qformer.generate`;
+                    qformer_caption_texts decodes them, as main.py --config.mode=caption)
   generate_captions BLIP-2 OPT, greedy / sampling (LAVIS `Blip2OPT.generate`; jaxlisa.inference.generate)
   beam_captions     BLIP-2 OPT, beam search (HF `Blip2ForConditionalGeneration.generate`)
 """
@@ -150,6 +151,13 @@ def qformer_captions(model: Blip2Qformer, params, pixels, *, num_beams: int = 3,
                        eos_ids=(qc.sep_token_id,), fill_value=fill, repetition_penalty=repetition_penalty,
                        state_batch_axis=1)
   return res.sequences[:, 0], res.lengths[:, 0]
+
+
+def qformer_caption_texts(model: Blip2Qformer, params, tokenizer, pixels, **kw) -> list[str]:
+  """`qformer_captions(model, params, pixels, **kw)` as texts: LAVIS's `tokenizer.batch_decode(outputs,
+  skip_special_tokens=True)` of each row after [DEC], up to its end."""
+  seqs, lengths = qformer_captions(model, params, pixels, **kw)
+  return gen_lib.decode(tokenizer, seqs, lengths, start=1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_beams", "max_new_tokens", "min_new_tokens", "eos_ids",

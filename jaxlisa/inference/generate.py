@@ -5,7 +5,8 @@ fills the cache for all P slots, then a `lax.while_loop` decodes one token per s
 P, P+1, ... until every row has produced an eos/stop id or `max_new_tokens` is reached. Rows that
 finished emit `pad_token_id`, as HF `generate` does. By default the stop ids are the model
 config's `eos_token_id` and the pad is its `pad_token_id` (eos when it has none, as HF);
-`default_stop_ids` / `default_pad_id` say which. `pad_batch` tokenizes a batch left-padded.
+`default_stop_ids` / `default_pad_id` say which. `pad_batch` tokenizes a batch left-padded
+(`pad_rows` pads id lists); `decode` gives the generated texts.
 Greedy decoding equals HF's token for token;
 HF's logits processors come first, on the raw logits: the repetition penalty
 (RepetitionPenaltyLogitsProcessor: over the prompt ids after the left padding, and the tokens
@@ -77,6 +78,11 @@ def pad_batch(tokenizer, texts: Sequence[str], **kw) -> tuple[np.ndarray, np.nda
   numpy int32. kw go to the tokenizer (e.g. add_special_tokens=False)."""
   rows = [list(r) for r in tokenizer(list(texts), **kw)["input_ids"]]
   pad = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+  return pad_rows(rows, pad)
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Token id lists -> LEFT-padded (input_ids [B, P], attention_mask [B, P]), numpy int32."""
   p = max(len(r) for r in rows)
   ids = np.full((len(rows), p), pad, np.int32)
   mask = np.zeros((len(rows), p), np.int32)
@@ -84,6 +90,14 @@ def pad_batch(tokenizer, texts: Sequence[str], **kw) -> tuple[np.ndarray, np.nda
     if r:
       ids[b, p - len(r):], mask[b, p - len(r):] = r, 1
   return ids, mask
+
+
+def decode(tokenizer, tokens, lengths, start: int = 0) -> list[str]:
+  """Each row's tokens[start:start + length] as text without special tokens (HF / LAVIS
+  `batch_decode(..., skip_special_tokens=True)` of what was generated), stripped."""
+  tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+  return [tokenizer.decode([int(x) for x in row[start:start + int(n)]], skip_special_tokens=True).strip()
+          for row, n in zip(tokens, lengths)]
 
 
 def penalize_repeats(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:

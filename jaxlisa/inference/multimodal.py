@@ -10,6 +10,7 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlisa.data import chatml
 from jaxlisa.inference import generate as gen_lib
 from jaxlisa.models.llava import Llava, anyres_feature_index
 from jaxlisa.models.minigpt4qwen import MiniGPT4Qwen
@@ -49,3 +50,17 @@ def minigpt4qwen_generate(model: MiniGPT4Qwen, params, pixels, input_ids, attent
   pad = c.pad_token_id if pad_token_id is None else pad_token_id
   return gen_lib.generate_from_embeds(c, params["llm_model"], embeds, mask, max_new_tokens=max_new_tokens,
                                       stop_ids=tuple(stop_ids), pad_token_id=pad or 0, **kw)
+
+
+def minigpt4qwen_chat(model: MiniGPT4Qwen, params, tokenizer, pixels, queries: Sequence[str], *,
+                      max_new_tokens: int = 64, system: str = chatml.SYSTEM_MESSAGE, **kw) -> list[str]:
+  """MiniGPT4-Qwen `chat` for one turn per image: pixels [B, S, S, 3] (the LAVIS eval transform),
+  queries B texts (chatml.chat_ids: "<Img><ImageHere></Img> " in front when a query has no
+  <ImageHere>) -> B answers, decoded up to <|im_end|> / <|im_start|> (the original's stop words)
+  without special tokens. kw: generate's sampling options (do_sample, top_p, temperature, rng, ...)."""
+  rows = [chatml.chat_ids(tokenizer, q, model.config.num_query_tokens, system=system) for q in queries]
+  ids, mask = gen_lib.pad_rows(rows, model.config.llm.pad_token_id or 0)
+  stop = tuple(int(tokenizer.convert_tokens_to_ids(t)) for t in ("<|im_end|>", "<|im_start|>"))
+  out = minigpt4qwen_generate(model, params, jnp.asarray(pixels), jnp.asarray(ids), jnp.asarray(mask),
+                              max_new_tokens=max_new_tokens, stop_ids=stop, **kw)
+  return gen_lib.decode(tokenizer, out.tokens, out.lengths)
