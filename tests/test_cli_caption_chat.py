@@ -1,7 +1,8 @@
 """main.py --config.mode=caption (BLIP-2 stage 1) and --config.mode=chat (MiniGPT4-Qwen) as a user runs
 them (subprocesses), on workdirs trained once per module from the configs' runlocal variants: the
 printed captions / answers are those of the inference functions called directly on the same restored
-params (beam search and nucleus sampling; greedy ChatML), nothing but logs is written to the workdir,
+params (beam search and nucleus sampling; greedy ChatML), a converted checkpoint given as
+--config.init.pretrained captions as the workdir does, nothing but logs is written to the workdir,
 and an empty workdir, a bad image or a config of another task end with exit 2 and one line."""
 
 import os
@@ -17,6 +18,8 @@ from PIL import Image
 from conftest import ROOT
 from jaxlisa import config as cfg_lib
 from jaxlisa import tasks
+from jaxlisa.conversion import convert
+from jaxlisa.conversion.family import Converted
 from jaxlisa.data import chatml, synthetic_captions
 from jaxlisa.inference import captioning, multimodal
 from jaxlisa.training import inference_params as ip
@@ -156,6 +159,23 @@ def test_chat_ids_are_the_trained_chatml_tokens(m4q_run):
   ids = chatml.chat_ids(tok, question, q)
   assert ids == row[:len(ids)] and ids == chatml.chat_ids(tok, f"{synthetic_captions.IMAGE_TAG} {question}", q)
   assert tok.decode(ids) == chatml.chat_prompt(f"<Img>{chatml.IMAGE_TOKEN * q}</Img> {question}")
+
+
+def test_caption_from_a_converted_checkpoint(blip2_run, tmp_path):
+  """--config.init.pretrained (a converted jaxlisa directory) + init.tokenizer on an empty workdir:
+  the same caption as the trained workdir's; nothing but the log written."""
+  wd, images, task, params = blip2_run
+  ckpt = str(tmp_path / "converted")
+  convert.save_converted(ckpt, Converted("blip2_lavis", task.model_config, jax.tree.map(np.asarray, params)))
+  empty = tmp_path / "empty"
+  r = _main(BLIP2, empty, "--config.mode=caption", f"--config.image={images[0]}", f"--config.init.pretrained={ckpt}",
+            f"--config.init.tokenizer={wd / 'tokenizer'}")
+  assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+  assert "weights from init.pretrained" in r.stdout
+  with jax.default_matmul_precision(None):
+    want = captioning.qformer_caption_texts(task.model, params, task.tokenizer, _pixels(task, images[0]))[0]
+  assert _printed(r.stdout, images[:1])[images[0]] == want
+  assert all(f.startswith("main.") for f in _files(empty)), _files(empty)
 
 
 @pytest.mark.parametrize("spec,mode", [(BLIP2, "caption"), (M4Q, "chat")])
