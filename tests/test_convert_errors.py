@@ -79,3 +79,11 @@ def test_verify_runs_before_writing(fixtures, tmp_path):
   wrote = next(i for i, l in enumerate(lines) if l.startswith("family llama: wrote"))
   assert first_verify < wrote
   assert float(lines[first_verify].split()[-1]) < 1e-4
+
+
+def test_out_of_range_weights_convert_with_a_warning_naming_them(fixtures, tmp_path):
+  src = ep._llama_variant(fixtures.llama_ckpt, str(tmp_path), "huge")  # pylint: disable=protected-access
+  r = ep.run_tool("convert", ["--src", src, "--dst", str(tmp_path / "out")], timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "model.norm.weight" in r.stderr and "--strict" in r.stderr
+  assert convert.is_converted(str(tmp_path / "out"))

@@ -62,11 +62,14 @@ def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float3
     raise CheckpointError(f"{src}: {e}") from None
   if fam.open_source is not None:
     source = fam.open_source(src)
-  if config_overrides and "overrides" in inspect.signature(fam.config_from_hf).parameters:
-    # families whose config cannot be read entirely off the checkpoint (SAM's decoder heads)
-    model_config = fam.config_from_hf(cfg_json, source, overrides=dict(config_overrides))
-  else:
-    model_config = fam.config_from_hf(cfg_json, source)
+  try:
+    if config_overrides and "overrides" in inspect.signature(fam.config_from_hf).parameters:
+      # families whose config cannot be read entirely off the checkpoint (SAM's decoder heads)
+      model_config = fam.config_from_hf(cfg_json, source, overrides=dict(config_overrides))
+    else:
+      model_config = fam.config_from_hf(cfg_json, source)
+  except CheckpointError as e:
+    raise CheckpointError(f"{src}: {e}") from None
   model_config = _generation_ids(model_config, src)
   if config_overrides:
     _check_overrides(model_config, config_overrides)
