@@ -270,14 +270,18 @@ def train_lm(workdir: str) -> str:
   return workdir
 
 
-def run_tool(tool: str, args: list[str], timeout: float = 600, debug: bool = False) -> subprocess.CompletedProcess:
+def tool_command(tool: str, args: list[str], debug: bool = False) -> tuple[list[str], dict]:
+  """(argv, environment) that run main.py or the converter from the repository root on CPU."""
   script = "main.py" if tool == "main" else os.path.join("tools", "convert_torch_weights.py")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("JAXLISA_DEBUG", None)
   env["PYTHONPATH"] = ROOT
-  extra = ["--debug"] if debug else []
-  return subprocess.run([sys.executable, script, *args, *extra], cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout, env=env)
+  return [sys.executable, script, *args, *(["--debug"] if debug else [])], env
+
+
+def run_tool(tool: str, args: list[str], timeout: float = 600, debug: bool = False) -> subprocess.CompletedProcess:
+  argv, env = tool_command(tool, args, debug)
+  return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def error_lines(stderr: str) -> list[str]:
