@@ -184,3 +184,29 @@ def test_restore_failure_of_a_verified_checkpoint_is_an_error_not_corruption(tmp
   assert step == 1 and np.asarray(restored["trainable"]["w"]).tolist() == [1.0] * 3
   assert ck.latest.all_steps() == [1] and os.listdir(tmp_path / "checkpoints.corrupt")
   ck.close()
+
+
+def test_tokenizer_saves_are_all_or_nothing(tmp_path):
+  """A kill in the middle of saving the run's tokenizer leaves no tokenizer.json (so the next run
+  trains it again) instead of a torn one that stops every resume."""
+  from jaxlisa.data import synthetic_text  # pylint: disable=import-outside-toplevel
+  from jaxlisa.data.tokenization import load_saved_tokenizer, save_tokenizer  # pylint: disable=import-outside-toplevel
+  tok = synthetic_text.train_tokenizer(["the red circle is left of the blue square"] * 20, 64)
+
+  class KilledMidSave:
+    def save_pretrained(self, d):
+      tok.save_pretrained(d)
+      path = os.path.join(d, "tokenizer.json")
+      data = open(path, "rb").read()
+      open(path, "wb").write(data[: len(data) // 2])
+      raise KeyboardInterrupt  # the process dies here
+
+  d = tmp_path / "tokenizer"
+  with pytest.raises(KeyboardInterrupt):
+    save_tokenizer(KilledMidSave(), str(d))
+  assert not (d / "tokenizer.json").exists()
+  d.mkdir()
+  (d / "tokenizer_config.json").write_text("{")  # an older interrupted save's leftovers
+  save_tokenizer(tok, str(d))
+  assert load_saved_tokenizer(str(d)).encode("red circle") == tok.encode("red circle")
+  assert os.listdir(tmp_path) == ["tokenizer"]
