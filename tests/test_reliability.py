@@ -210,3 +210,13 @@ def test_tokenizer_saves_are_all_or_nothing(tmp_path):
   save_tokenizer(tok, str(d))
   assert load_saved_tokenizer(str(d)).encode("red circle") == tok.encode("red circle")
   assert os.listdir(tmp_path) == ["tokenizer"]
+
+
+def test_kill_9_during_a_save_resumes_bit_exactly(straight, tmp_path):
+  """One trial of bench/kill_resume.py: SIGKILL while orbax writes the step-8 checkpoint, resume,
+  then every metric and every array of the final latest and best checkpoints as `straight`'s."""
+  sys.path.insert(0, ROOT)
+  from bench import kill_resume as kr  # pylint: disable=import-outside-toplevel
+  t = kr.Trial("during the 2nd latest save", "lm8", kr.saving("checkpoints", 2))
+  ok, what = kr.trial(t, str(straight), str(tmp_path))
+  assert what.startswith("killed") and ok, what
