@@ -30,6 +30,7 @@ class Probe:
   tool: str  # "main" | "convert"
   args: Callable[[str, "Fixtures"], list[str]]  # (scratch dir, fixtures) -> argv after the script
   expect: str = ""  # a fragment the error line must contain (case-insensitive)
+  absent: str = ""  # a fragment stdout must not contain (work the error should come before)
 
 
 @dataclasses.dataclass
@@ -123,7 +124,8 @@ MAIN_PROBES = [
                         "--config.prompt=q"], "no_such_model"),
     Probe("segment: prompt too long", "main",
           lambda t, f: _seg(t, "--config.image=" + _png(os.path.join(t, "ok.png")),
-                            "--config.prompt=" + " ".join(["Which shape is red?"] * 400)), "prompt"),
+                            "--config.prompt=" + " ".join(["Which shape is red?"] * 400)), "prompt",
+          absent="loading weights"),
     Probe("unknown mode", "main", lambda t, f: ["--config", LM, "--config.mode=fly"], "mode"),
     Probe("unknown task", "main",
           lambda t, f: ["--config", LM, "--workdir", os.path.join(t, "wd"), "--config.task=nope"], "task"),
@@ -170,6 +172,13 @@ CONVERT_PROBES = [
     Probe("--verify with a single weights file", "convert",
           lambda t, f: ["--src", os.path.join(f.llama_ckpt, "model.safetensors"), "--verify", *_conv(t, f)],
           "--verify"),
+    Probe("--verify with a single .pth", "convert",
+          lambda t, f: ["--src", _as_pth(f.llama_ckpt, t, with_config=True), "--verify", *_conv(t, f)], "--verify"),
+    Probe("single .pth, no config.json, heads not inferable", "convert",
+          lambda t, f: ["--src", _as_pth(f.llama_ckpt, t, with_config=False), *_conv(t, f)], "config.json"),
+    Probe("--strict with out-of-range weights", "convert",
+          lambda t, f: ["--src", _llama_variant(f.llama_ckpt, t, "huge"), "--strict", *_conv(t, f)],
+          "model.norm.weight"),
     Probe("--verify for a family without a verifier", "convert",
           lambda t, f: ["--src", f.llama_ckpt, "--family", "clip_vision", "--verify", *_conv(t, f)], "--verify"),
     Probe("bad --override", "convert", lambda t, f: ["--src", f.llama_ckpt, "--override", "x", *_conv(t, f)],
@@ -205,8 +214,22 @@ def _bad_config(ckpt: str, t: str) -> str:
   return d
 
 
+def _as_pth(ckpt: str, t: str, with_config: bool) -> str:
+  """The tiny llama's weights as one torch .pth file (its config.json beside it, or not)."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
+  d = os.path.join(t, "pth")
+  os.makedirs(d)
+  if with_config:
+    shutil.copy(os.path.join(ckpt, "config.json"), d)
+  torch.save(load_file(os.path.join(ckpt, "model.safetensors")), os.path.join(d, "model.pth"))
+  return os.path.join(d, "model.pth")
+
+
 def _llama_variant(ckpt: str, t: str, kind: str) -> str:
-  """A copy of the tiny llama whose model.norm.weight is NaN/Inf ("nan") or int64 ("int")."""
+  """A copy of the tiny llama whose model.norm.weight is NaN/Inf ("nan"), int64 ("int") or
+  garbage-sized (2.9e38, "huge")."""
   import shutil  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
@@ -218,6 +241,8 @@ def _llama_variant(ckpt: str, t: str, kind: str) -> str:
   if kind == "nan":
     w = w.copy()
     w[0], w[1] = np.nan, np.inf
+  elif kind == "huge":
+    w = np.full(w.shape, 2.9e38, w.dtype)
   else:
     w = np.ones(w.shape, np.int64)
   state["model.norm.weight"] = w
@@ -245,14 +270,18 @@ def train_lm(workdir: str) -> str:
   return workdir
 
 
-def run_tool(tool: str, args: list[str], timeout: float = 600, debug: bool = False) -> subprocess.CompletedProcess:
+def tool_command(tool: str, args: list[str], debug: bool = False) -> tuple[list[str], dict]:
+  """(argv, environment) that run main.py or the converter from the repository root on CPU."""
   script = "main.py" if tool == "main" else os.path.join("tools", "convert_torch_weights.py")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   env.pop("JAXLISA_DEBUG", None)
   env["PYTHONPATH"] = ROOT
-  extra = ["--debug"] if debug else []
-  return subprocess.run([sys.executable, script, *args, *extra], cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout, env=env)
+  return [sys.executable, script, *args, *(["--debug"] if debug else [])], env
+
+
+def run_tool(tool: str, args: list[str], timeout: float = 600, debug: bool = False) -> subprocess.CompletedProcess:
+  argv, env = tool_command(tool, args, debug)
+  return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -281,6 +310,8 @@ def verdict(probe: Probe, r: subprocess.CompletedProcess) -> str:
     return f"{len(lines)} stderr lines: {lines[:3]}"
   if probe.expect and probe.expect.lower() not in lines[0].lower():
     return f"error line does not name {probe.expect!r}: {lines[0]}"
+  if probe.absent and probe.absent in r.stdout:
+    return f"stdout has {probe.absent!r}: the error came after that work"
   return ""
 
 

@@ -321,8 +321,10 @@ class _TrainProgress:
   """Trainer hooks: a progress display (loss, lr, step time, ETA), a run summary, and every logged
   metric as TensorBoard scalars in workdir/tensorboard (tensorboardX; no TensorFlow needed)."""
 
-  def __init__(self, workdir: str):
-    self.workdir, self.bar = workdir, None
+  def __init__(self, workdir: str, pending_config=None):
+    """pending_config: a config to write as workdir/config.json once the checkpoint has restored
+    (a workdir whose checkpoints came without one; see config.accept_run)."""
+    self.workdir, self.bar, self.pending_config = workdir, None, pending_config
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -332,6 +334,9 @@ class _TrainProgress:
     self.tb.flush()
 
   def on_start(self, step, total_steps, info):
+    if self.pending_config is not None:
+      cfg_lib.write_config(self.pending_config, self.workdir, sys.argv)
+      self.pending_config = None
     width = max(len(k) for k in info) + 1
     lines = [f"  {k + ':':<{width}} {v}" for k, v in info.items()]
     print(f"train {self.workdir}" + (f" (resuming at step {step})" if step else ""), *lines, sep="\n", flush=True)
@@ -365,7 +370,8 @@ def run_train(config, workdir: str) -> None:
   from jaxlisa import parallel, tasks  # pylint: disable=import-outside-toplevel
   from jaxlisa.training.trainer import Hooks, Trainer  # pylint: disable=import-outside-toplevel
   trainer = Trainer(config, workdir, tasks.prepared_task(config, workdir))
-  bar = _TrainProgress(workdir) if parallel.is_primary() else Hooks()  # one progress display / event file per run
+  pending = None if os.path.exists(os.path.join(workdir, "config.json")) else config
+  bar = _TrainProgress(workdir, pending) if parallel.is_primary() else Hooks()  # one progress display / event file per run
   try:
     result = trainer.fit(bar)
   finally:

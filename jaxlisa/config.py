@@ -288,8 +288,10 @@ def accept_run(config: ConfigDict, workdir: str, argv: Sequence[str] | None = No
 
   With checkpoints in `workdir`, a config whose task, model family or shapes differ from the
   recorded one is refused (ConfigError naming the fields) and nothing is written, unless
-  `config.fresh_start` asks to move the old run aside (workdir/previous-<time>/). Returns the
-  other (non-structural) differences, which the caller may warn about."""
+  `config.fresh_start` asks to move the old run aside (workdir/previous-<time>/). Checkpoints
+  without a config.json cannot be checked here: then nothing is written, and the caller writes
+  config.json once the checkpoint has restored (`write_config`). Returns the other
+  (non-structural) differences, which the caller may warn about."""
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"workdir {workdir} exists and is not a folder")
   new = to_dict(config)
@@ -313,6 +315,8 @@ def accept_run(config: ConfigDict, workdir: str, argv: Sequence[str] | None = No
       sys.stderr.write(f"fresh start: moved {', '.join(present)} to {aside}\n")
       changed = {}
   make_workdir(workdir)
+  if previous is None and has_checkpoints(workdir):
+    return {}  # config.json is the caller's to write once the checkpoint has restored
   try:
     write_config(config, workdir, argv)
   except OSError as e:

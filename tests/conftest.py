@@ -151,6 +151,18 @@ def png_bytes(h: int = 100, w: int = 140, seed: int = 0) -> bytes:
   return buf.getvalue()
 
 
+def tiny_lisa(tokenizer):
+  """(model, params as writable numpy arrays) of configs/lisa_tiny.py at random init for `tokenizer`
+  (synthetic_shapes.train_tokenizer: [SEG] and the image tokens)."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  from configs import lisa_tiny  # pylint: disable=import-outside-toplevel
+  from jaxlisa.models import lisa as lisa_lib  # pylint: disable=import-outside-toplevel
+  from jaxlisa.tasks.lisa import model_config_from  # pylint: disable=import-outside-toplevel
+  model = lisa_lib.Lisa(model_config_from(lisa_tiny.get_config(), tokenizer))
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), *lisa_lib.dummy_inputs(model.config))["params"]
+  return model, jax.tree.map(np.array, nn.meta.unbox(params))
+
+
 class ServerProcess:
   """main.py --config.mode=serve (lisa_tiny runlocal, extra `args`) on a free loopback port, ready
   when /healthz answers 200 (pytest.fail otherwise); stop() ends it by its PID. Output in

@@ -18,15 +18,7 @@ def fixtures(tmp_path_factory):
   return ep.Fixtures(lm_workdir=ep.train_lm(str(tmp_path_factory.mktemp("lm") / "wd")))
 
 
-# Still open (#18): resuming training over a checkpoint of another width with config.json removed
-# fails inside orbax's restore with a traceback instead of the one-line shape error; strict, so
-# the mark must go when it is fixed.
-OPEN = {"checkpoint of another width, config.json gone"}
-MAIN_CASES = [pytest.param(p, id=p.name, marks=[pytest.mark.xfail(strict=True, reason="open in #18")] if p.name in OPEN else [])
-              for p in ep.MAIN_PROBES]
-
-
-@pytest.mark.parametrize("probe", MAIN_CASES)
+@pytest.mark.parametrize("probe", ep.MAIN_PROBES, ids=[p.name for p in ep.MAIN_PROBES])
 def test_bad_input_is_exit_2_and_one_line(probe, fixtures, tmp_path):
   r = ep.run_tool("main", probe.args(str(tmp_path), fixtures), timeout=300)
   assert ep.verdict(probe, r) == "", r.stderr[-3000:]

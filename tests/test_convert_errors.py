@@ -79,3 +79,38 @@ def test_verify_runs_before_writing(fixtures, tmp_path):
   wrote = next(i for i, l in enumerate(lines) if l.startswith("family llama: wrote"))
   assert first_verify < wrote
   assert float(lines[first_verify].split()[-1]) < 1e-4
+
+
+def test_out_of_range_weights_convert_with_a_warning_naming_them(fixtures, tmp_path):
+  src = ep._llama_variant(fixtures.llama_ckpt, str(tmp_path), "huge")  # pylint: disable=protected-access
+  r = ep.run_tool("convert", ["--src", src, "--dst", str(tmp_path / "out")], timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "model.norm.weight" in r.stderr and "--strict" in r.stderr
+  assert convert.is_converted(str(tmp_path / "out"))
+
+
+def test_kill_9_during_an_overwrite_then_the_next_start_cleans(fixtures, tmp_path):
+  """A real SIGKILL (by pid) while `--overwrite` writes: the destination is still a whole
+  conversion, and the next conversion leaves no .tmp-<dst>- folder behind."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import time  # pylint: disable=import-outside-toplevel
+  dst = tmp_path / "out"
+  args = ["--src", fixtures.llama_ckpt, "--dst", str(dst), "--overwrite"]
+  assert ep.run_tool("convert", args, timeout=300).returncode == 0
+  tmps = lambda: [n for n in os.listdir(tmp_path) if n.startswith(".tmp-out-")]  # noqa: E731
+  killed = False
+  for _ in range(5):  # the write takes a fraction of a second: try until the kill lands in it
+    argv, env = ep.tool_command("convert", args)
+    proc = subprocess.Popen(argv, cwd=ep.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not any((tmp_path / n / convert.TMP_OWNER_FILE).exists() for n in tmps()):
+      time.sleep(0.001)
+    if proc.poll() is None:
+      os.kill(proc.pid, signal.SIGKILL)
+      proc.wait()
+      killed = True
+      break
+  assert killed and tmps()
+  assert convert.is_converted(str(dst))
+  r = ep.run_tool("convert", args, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert not tmps() and convert.is_converted(str(dst)) and not (dst / convert.TMP_OWNER_FILE).exists()

@@ -1,7 +1,9 @@
 """Fuzzed images through the path segment() and the serving engine take (data/preprocess.py):
 load_image -> clip_preprocess -> sam_preprocess, at the real sizes (CLIP 224, SAM 1024) and the tiny
 demo's (64, 64). Every input must give arrays of the static shapes, or ImageError (a ValueError)
-with a one-line message; never another exception, never more than a few seconds or ~1 GB.
+with a one-line message; never another exception, never more than a few seconds or ~1 GB. Every
+input that loads then goes through segment() on a tiny LISA (random init, a pre-filled "[SEG]"
+answer so each gives one mask), which must give a finite mask at the image's own size.
 
   python tests/test_fuzz_images.py      # prints the crash count and each crash (no pytest needed)
 """
@@ -186,6 +188,41 @@ def test_fuzzed_images_work_or_give_the_image_error():
   assert n >= 250
   assert not problems, f"{len(problems)} of {n}:\n" + "\n".join(problems)
   assert _peak_rss() - before < PEAK_RSS_GROWTH_BYTES
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter():
+  from conftest import tiny_lisa  # pylint: disable=import-outside-toplevel
+  from jaxlisa.data import synthetic_shapes  # pylint: disable=import-outside-toplevel
+  tok = synthetic_shapes.train_tokenizer(synthetic_shapes.template_texts(), template_weight=1)
+  return (*tiny_lisa(tok), tok)
+
+
+def test_fuzzed_images_that_load_segment_at_their_size(tiny_segmenter):
+  """segment() on every loadable fuzz input: the mask decoder padded to multiples of 1024 (the
+  serving option: ~10 compiled sizes for all of them), and at the exact size (the CLI's, one
+  compile each) for the most extreme shapes."""
+  from jaxlisa.inference import segment as seg_lib  # pylint: disable=import-outside-toplevel
+  model, params, tok = tiny_segmenter
+  images = []
+  for name, data in cases():
+    try:
+      images.append((name, pp.load_image(data)))
+    except pp.ImageError:
+      pass
+  assert len(images) >= 100
+  problems = []
+  exact = {"png 1x1", "png 1x20000", "png 20000x1", "png 3x4097"}
+  for name, img in images:
+    for multiple in (1024, 0) if name in exact else (1024,):
+      try:
+        (r,) = seg_lib.segment(model, params, tok, [img], ["Where is it?"], answers=["It is [SEG]."],
+                               max_length=256, mask_size_multiple=multiple)
+        if r.masks.shape != (1, *img.shape[:2]) or not np.isfinite(r.mask_logits).all():
+          problems.append(f"{name} {img.shape}: masks {r.masks.shape}")
+      except Exception as e:  # pylint: disable=broad-except
+        problems.append(f"{name} {img.shape}: {type(e).__name__}: {e}")
+  assert not problems, f"{len(problems)} of {len(images)}:\n" + "\n".join(problems)
 
 
 @pytest.mark.parametrize("path_kind", ["directory", "missing", "fifo-like empty"])

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,16 +70,13 @@ def test_resume_continues_from_latest(trained):
 def forced_seg_model(tmp_path_factory):
   """A tiny LISA whose LM always answers [SEG]: token embeddings and image features carry a large
   positive first coordinate, layers add little, and lm_head reads that coordinate into [SEG]."""
-  from configs import lisa_tiny  # pylint: disable=import-outside-toplevel
+  from conftest import tiny_lisa  # pylint: disable=import-outside-toplevel
   from jaxlisa.data import synthetic_shapes  # pylint: disable=import-outside-toplevel
-  from jaxlisa.tasks.lisa import model_config_from  # pylint: disable=import-outside-toplevel
   d = tmp_path_factory.mktemp("forced")
   synthetic_shapes.write_dataset(str(d), num_train=4, num_val=2, image_size=64)
   tok = synthetic_shapes.train_tokenizer(synthetic_shapes.read_corpus(str(d)), vocab_size=600)
-  cfg = model_config_from(lisa_tiny.get_config(), tok)
-  model = lisa_lib.Lisa(cfg)
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), *lisa_lib.dummy_inputs(cfg))["params"])
-  params = jax.tree.map(np.array, params)
+  model, params = tiny_lisa(tok)
+  cfg = model.config
   lm = params["llava"]["language_model"]
   lm["embed_tokens"]["embedding"][:, 0] = 50.0
   params["llava"]["multi_modal_projector"]["linear_1"]["bias"][0] = 50.0

@@ -118,6 +118,23 @@ def test_torn_metrics_and_corrupt_tokenizer(straight, tmp_path):
   assert [m["step"] for m in read_metrics(str(wd)) if "train/loss" in m] == list(range(1, 11))
 
 
+def test_checkpoints_without_config_json(straight, tmp_path):
+  """Nothing to check the config against but the checkpoint itself: a misfit is refused naming
+  the parameters, the checkpoints stay where they are (not set aside as corrupt) and no
+  config.json is written; one that fits resumes and then writes it."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  wd = tmp_path / "noconfig"
+  shutil.copytree(straight, wd)
+  (wd / "config.json").unlink()
+  r = _main(wd, "--config.model.hidden_size=96", rc=2)
+  assert "checkpoints/8 does not fit the model" in _error_line(r) and "[256, 64] vs model [256, 96]" in r.stderr
+  assert _steps(wd) == [4, 8] and not os.path.exists(wd / "checkpoints.corrupt")
+  assert not os.path.exists(wd / "config.json")
+  r = _main(wd, "--config.total_steps=9")
+  assert "resuming at step 8" in r.stdout and "done: step 9/9" in r.stdout
+  assert json.load(open(wd / "config.json"))["model"]["hidden_size"] == 64
+
+
 def test_refused_runs_leave_config_json(straight, tmp_path):
   import shutil  # pylint: disable=import-outside-toplevel
   wd = tmp_path / "refused"
@@ -138,3 +155,68 @@ def test_refused_runs_leave_config_json(straight, tmp_path):
   assert not os.path.exists(wd / "checkpoints")
   aside = glob.glob(str(wd / "previous-*"))
   assert len(aside) == 1 and _steps(aside[0]) == [4, 8]
+
+
+def test_restore_failure_of_a_verified_checkpoint_is_an_error_not_corruption(tmp_path, monkeypatch):
+  """A step whose checksum verifies but which does not restore (the model or program differs)
+  stops with CheckpointError and stays in place; without a checksum it counts as corrupt and the
+  previous step is used."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jaxlisa.training import checkpoints as ckpt_lib  # pylint: disable=import-outside-toplevel
+  state = {"trainable": {"w": np.ones((3,), np.float32)}}
+  ck = ckpt_lib.Checkpoints(str(tmp_path), max_to_keep=3)
+  ck.save(1, state)
+  ck.save(2, {"trainable": {"w": np.full((3,), 2.0, np.float32)}})
+  ck.wait()
+  real = ck.restore
+
+  def restore(step, target):
+    if step == 2:
+      raise RuntimeError("boom")
+    return real(step, target)
+  monkeypatch.setattr(ck, "restore", restore)
+  target = ckpt_lib.abstract(state)
+  with pytest.raises(ckpt_lib.CheckpointError, match="checkpoints/2, whose checksum verifies: RuntimeError: boom"):
+    ck.restore_latest(target)
+  assert ck.latest.all_steps() == [1, 2]
+  os.remove(tmp_path / "checkpoints" / "2" / ckpt_lib.CHECKSUM_FILE)
+  step, restored, _ = ck.restore_latest(target)
+  assert step == 1 and np.asarray(restored["trainable"]["w"]).tolist() == [1.0] * 3
+  assert ck.latest.all_steps() == [1] and os.listdir(tmp_path / "checkpoints.corrupt")
+  ck.close()
+
+
+def test_tokenizer_saves_are_all_or_nothing(tmp_path):
+  """A kill in the middle of saving the run's tokenizer leaves no tokenizer.json (so the next run
+  trains it again) instead of a torn one that stops every resume."""
+  from jaxlisa.data import synthetic_text  # pylint: disable=import-outside-toplevel
+  from jaxlisa.data.tokenization import load_saved_tokenizer, save_tokenizer  # pylint: disable=import-outside-toplevel
+  tok = synthetic_text.train_tokenizer(["the red circle is left of the blue square"] * 20, 64)
+
+  class KilledMidSave:
+    def save_pretrained(self, d):
+      tok.save_pretrained(d)
+      path = os.path.join(d, "tokenizer.json")
+      data = open(path, "rb").read()
+      open(path, "wb").write(data[: len(data) // 2])
+      raise KeyboardInterrupt  # the process dies here
+
+  d = tmp_path / "tokenizer"
+  with pytest.raises(KeyboardInterrupt):
+    save_tokenizer(KilledMidSave(), str(d))
+  assert not (d / "tokenizer.json").exists()
+  d.mkdir()
+  (d / "tokenizer_config.json").write_text("{")  # an older interrupted save's leftovers
+  save_tokenizer(tok, str(d))
+  assert load_saved_tokenizer(str(d)).encode("red circle") == tok.encode("red circle")
+  assert os.listdir(tmp_path) == ["tokenizer"]
+
+
+def test_kill_9_during_a_save_resumes_bit_exactly(straight, tmp_path):
+  """One trial of bench/kill_resume.py: SIGKILL while orbax writes the step-8 checkpoint, resume,
+  then every metric and every array of the final latest and best checkpoints as `straight`'s."""
+  sys.path.insert(0, ROOT)
+  from bench import kill_resume as kr  # pylint: disable=import-outside-toplevel
+  t = kr.Trial("during the 2nd latest save", "lm8", kr.saving("checkpoints", 2))
+  ok, what = kr.trial(t, str(straight), str(tmp_path))
+  assert what.startswith("killed") and ok, what

@@ -62,11 +62,14 @@ def convert_checkpoint(src: str, family: str | None = None, dtype: str = "float3
     raise CheckpointError(f"{src}: {e}") from None
   if fam.open_source is not None:
     source = fam.open_source(src)
-  if config_overrides and "overrides" in inspect.signature(fam.config_from_hf).parameters:
-    # families whose config cannot be read entirely off the checkpoint (SAM's decoder heads)
-    model_config = fam.config_from_hf(cfg_json, source, overrides=dict(config_overrides))
-  else:
-    model_config = fam.config_from_hf(cfg_json, source)
+  try:
+    if config_overrides and "overrides" in inspect.signature(fam.config_from_hf).parameters:
+      # families whose config cannot be read entirely off the checkpoint (SAM's decoder heads)
+      model_config = fam.config_from_hf(cfg_json, source, overrides=dict(config_overrides))
+    else:
+      model_config = fam.config_from_hf(cfg_json, source)
+  except CheckpointError as e:
+    raise CheckpointError(f"{src}: {e}") from None
   model_config = _generation_ids(model_config, src)
   if config_overrides:
     _check_overrides(model_config, config_overrides)
@@ -165,10 +168,12 @@ def save_converted(dst: str, conv: Converted, source_dir: str | None = None, ove
     os.makedirs(parent, exist_ok=True)
     clean_stale_tmp(dst)
     tmp = tempfile.mkdtemp(prefix=_tmp_prefix(dst), dir=parent)
+    owner = f"{socket.gethostname()} {os.getpid()}\n"
     with open(os.path.join(tmp, TMP_OWNER_FILE), "w") as fh:
-      fh.write(f"{socket.gethostname()} {os.getpid()}\n")
+      fh.write(owner)
   except OSError as e:
     raise CheckpointError(f"cannot write {dst}: {e.strerror or e}") from None
+  old = None  # the previous output while it is replaced (overwrite)
   try:
     meta = {"format": FORMAT_VERSION, "family": conv.family, "config": conv.config.to_dict(),
             "source": source_dir}
@@ -184,12 +189,23 @@ def save_converted(dst: str, conv: Converted, source_dir: str | None = None, ove
       for name in TOKENIZER_FILES:
         if os.path.exists(os.path.join(sdir, name)):
           shutil.copy2(os.path.join(sdir, name), os.path.join(tmp, name))
-    os.remove(os.path.join(tmp, TMP_OWNER_FILE))
+    # Overwrite: the old output moves aside (one rename) and the new one in (another), then the
+    # old is deleted; a kill while it is deleted leaves a .tmp-<dst>- folder the next start removes.
     if os.path.exists(dst):
-      shutil.rmtree(dst)
+      old = tempfile.mkdtemp(prefix=_tmp_prefix(dst), dir=parent)
+      os.replace(dst, old)
     os.replace(tmp, dst)
+    if old is not None:
+      with open(os.path.join(old, TMP_OWNER_FILE), "w") as fh:
+        fh.write(owner)
+    os.remove(os.path.join(dst, TMP_OWNER_FILE))
+    if old is not None:
+      shutil.rmtree(old)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None and os.path.isdir(old) and not os.path.exists(dst):
+      os.replace(old, dst)  # the new one did not go in: the old output back
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
     raise
   return dst
 

@@ -96,6 +96,10 @@ def _infer_from_keys(src) -> DecoderConfig:
   q = src.shape("model.layers.0.self_attn.q_proj.weight")[0]
   kv = src.shape("model.layers.0.self_attn.k_proj.weight")[0]
   head_dim = 128 if hidden % 128 == 0 and hidden >= 2048 else 64
+  if q % head_dim or kv % head_dim or not kv:
+    raise CheckpointError(f"no config.json beside the weights, and the attention heads cannot be read off "
+                          f"the shapes (q_proj {q} rows, k_proj {kv}, assumed head_dim {head_dim}); put the "
+                          "model's config.json beside the file")
   return DecoderConfig(family="llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
                        num_hidden_layers=n_layers, num_attention_heads=q // head_dim,
                        num_key_value_heads=kv // head_dim, head_dim=head_dim,

@@ -62,4 +62,4 @@ class WeightCheck:
              f"possibly corrupt: {listing(self.out_of_range)}")
       if self.strict:
         raise CheckpointError(msg + " (refused by --strict)")
-      logging.warning("%s", msg)
+      logging.warning("%s (converted anyway; --strict refuses)", msg)

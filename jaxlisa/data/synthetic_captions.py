@@ -74,12 +74,6 @@ def _png(img: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-def _write(path: str, data: bytes | str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "wb") as f:
-    f.write(data.encode() if isinstance(data, str) else data)
-
-
 def write_dataset(out_dir: str, num_train: int = 2000, num_val: int = 256, image_size: int = 64, seed: int = 0,
                   max_shapes: int = 3, captions_per_image: int = 2) -> dict:
   """Writes the files listed in the module docstring. Returns {"out_dir", "num_train", "num_val"}."""
@@ -90,7 +84,7 @@ def write_dataset(out_dir: str, num_train: int = 2000, num_val: int = 256, image
     sc = shapes_lib.make_scene(i, seed, image_size, max_shapes)
     rng = np.random.default_rng([seed, i, 7])
     rel = f"images/{sc.name}.png"
-    _write(os.path.join(out_dir, rel), _png(sc.image))
+    shapes_lib.write_file(os.path.join(out_dir, rel), _png(sc.image))
     for _ in range(captions_per_image if split == "train" else 1):
       cap = caption(sc, rng)
       anns[split]["captions"].append({"image": rel, "caption": cap, "image_id": i})
@@ -100,8 +94,8 @@ def write_dataset(out_dir: str, num_train: int = 2000, num_val: int = 256, image
     corpus += ins["instruction"] + ins["output"]
   for split, kinds in anns.items():
     for kind, rows in kinds.items():
-      _write(os.path.join(out_dir, f"{kind}_{split}.json"), json.dumps(rows))
-  _write(os.path.join(out_dir, "corpus.json"), json.dumps(corpus))
+      shapes_lib.write_file(os.path.join(out_dir, f"{kind}_{split}.json"), json.dumps(rows))
+  shapes_lib.write_file(os.path.join(out_dir, "corpus.json"), json.dumps(corpus))
   logging.info("synthetic captions: %d train + %d val scenes of %dpx written to %s", num_train, num_val, image_size,
                out_dir)
   return {"out_dir": out_dir, "num_train": num_train, "num_val": num_val}
@@ -173,6 +167,7 @@ def load_or_train(directory: str, train_fn, texts: Sequence[str], **kw):
     from jaxlisa.data.tokenization import load_saved_tokenizer  # pylint: disable=import-outside-toplevel
     return load_saved_tokenizer(directory)
   tok = train_fn(texts, **kw)
-  tok.save_pretrained(directory)
+  from jaxlisa.data.tokenization import save_tokenizer  # pylint: disable=import-outside-toplevel
+  save_tokenizer(tok, directory)
   logging.info("trained a %d-token tokenizer, saved to %s", len(tok), directory)
   return tok

@@ -298,10 +298,14 @@ def _encode(img: np.ndarray, fmt: str, **kw) -> bytes:
   return buf.getvalue()
 
 
-def _write(path: str, data: bytes | str) -> None:
+def write_file(path: str, data: bytes | str) -> None:
+  """Write `path` whole: a temporary file renamed over it, so a kill leaves no torn file (the
+  datasets' last file, corpus.json, marks them complete)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "wb") as f:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
     f.write(data.encode() if isinstance(data, str) else data)
+  os.replace(tmp, path)
 
 
 def template_texts() -> list[str]:
@@ -332,7 +336,7 @@ def write_dataset(out_dir: str, num_train: int = 64, num_val: int = 16, image_si
     jpg = _encode(sc.image, "JPEG", quality=jpeg_quality)
     # Referring expressions (REFER layout, exact RLE masks).
     image_id = i + 1
-    _write(os.path.join(out_dir, "refer_seg/images/mscoco/images/train2014", sc.name + ".jpg"), jpg)
+    write_file(os.path.join(out_dir, "refer_seg/images/mscoco/images/train2014", sc.name + ".jpg"), jpg)
     images.append({"id": image_id, "file_name": sc.name + ".jpg", "height": image_size,
                    "width": image_size})
     for k, (sh, m) in enumerate(zip(sc.shapes, sc.masks)):
@@ -357,8 +361,8 @@ def write_dataset(out_dir: str, num_train: int = 64, num_val: int = 16, image_si
     shapes = [{"label": "target", "points": p, "group_id": None, "shape_type": "polygon", "flags": {}}
               for p in mask_to_polygons(target)]
     rdir = os.path.join(out_dir, "reason_seg/ReasonSeg", split)
-    _write(os.path.join(rdir, sc.name + ".jpg"), jpg)
-    _write(os.path.join(rdir, sc.name + ".json"),
+    write_file(os.path.join(rdir, sc.name + ".jpg"), jpg)
+    write_file(os.path.join(rdir, sc.name + ".json"),
            json.dumps({"text": texts, "is_sentence": True, "shapes": shapes}))
     corpus += texts + [why] + [val_question(t, True) for t in texts]
     if split == "train":
@@ -367,8 +371,8 @@ def write_dataset(out_dir: str, num_train: int = 64, num_val: int = 16, image_si
       label = np.zeros((image_size, image_size), np.uint8)
       for sh, m in zip(sc.shapes, sc.masks):
         label[m.astype(bool)] = KINDS.index(sh.kind) + 1
-      _write(os.path.join(out_dir, "ade20k/images/training", sc.name + ".jpg"), jpg)
-      _write(os.path.join(out_dir, "ade20k/annotations/training", sc.name + ".png"),
+      write_file(os.path.join(out_dir, "ade20k/images/training", sc.name + ".jpg"), jpg)
+      write_file(os.path.join(out_dir, "ade20k/annotations/training", sc.name + ".png"),
              _encode(label, "PNG"))
       # Text-only chat (LLaVA-Instruct layout).
       turns = chat_turns(sc, rng)
@@ -378,17 +382,17 @@ def write_dataset(out_dir: str, num_train: int = 64, num_val: int = 16, image_si
         conv += [{"from": "human", "value": q0 if j == 0 else q}, {"from": "gpt", "value": a}]
         corpus += [q, a]
       llava.append({"id": sc.name, "image": sc.name + ".jpg", "conversations": conv})
-      _write(os.path.join(out_dir, "coco/train2017", sc.name + ".jpg"), jpg)
+      write_file(os.path.join(out_dir, "coco/train2017", sc.name + ".jpg"), jpg)
   cats = [{"id": k + 1, "name": kind, "supercategory": "shape"} for k, kind in enumerate(KINDS)]
   corpus += list(KINDS)
-  _write(os.path.join(out_dir, "ade20k/classes.json"), json.dumps(list(KINDS)))
-  _write(os.path.join(out_dir, "refer_seg/refcoco/instances.json"),
+  write_file(os.path.join(out_dir, "ade20k/classes.json"), json.dumps(list(KINDS)))
+  write_file(os.path.join(out_dir, "refer_seg/refcoco/instances.json"),
          json.dumps({"images": images, "annotations": anns, "categories": cats}))
-  _write(os.path.join(out_dir, "refer_seg/refcoco/refs(unc).p"), pickle.dumps(refs, protocol=2))
-  _write(os.path.join(out_dir, "reason_seg/ReasonSeg/explanatory/train.json"), json.dumps(explanations))
-  _write(os.path.join(out_dir, "llava_dataset/llava_instruct_150k.json"), json.dumps(llava))
-  _write(os.path.join(out_dir, "shapes_meta.json"), json.dumps(meta, sort_keys=True))
-  _write(os.path.join(out_dir, "corpus.json"), json.dumps(corpus))
+  write_file(os.path.join(out_dir, "refer_seg/refcoco/refs(unc).p"), pickle.dumps(refs, protocol=2))
+  write_file(os.path.join(out_dir, "reason_seg/ReasonSeg/explanatory/train.json"), json.dumps(explanations))
+  write_file(os.path.join(out_dir, "llava_dataset/llava_instruct_150k.json"), json.dumps(llava))
+  write_file(os.path.join(out_dir, "shapes_meta.json"), json.dumps(meta, sort_keys=True))
+  write_file(os.path.join(out_dir, "corpus.json"), json.dumps(corpus))
   logging.info("synthetic shapes: %d train + %d val scenes of %dpx written to %s", num_train, num_val,
                image_size, out_dir)
   return {"out_dir": out_dir, "train": names["train"], "val": names["val"], "corpus": corpus}
@@ -421,7 +425,8 @@ def train_tokenizer(corpus: Sequence[str], out_dir: str | None = None, vocab_siz
   tok.add_tokens([conv_lib.DEFAULT_IM_START_TOKEN, conv_lib.DEFAULT_IM_END_TOKEN], special_tokens=True)
   seg_token_index(tok)
   if out_dir:
-    tok.save_pretrained(out_dir)
+    from jaxlisa.data.tokenization import save_tokenizer  # pylint: disable=import-outside-toplevel
+    save_tokenizer(tok, out_dir)
   return tok
 
 

@@ -71,7 +71,8 @@ def load_or_train_tokenizer(directory: str | None, texts: Sequence[str], vocab_s
     return load_saved_tokenizer(directory)
   tok = train_tokenizer(texts, vocab_size)
   if directory:
-    tok.save_pretrained(directory)
+    from jaxlisa.data.tokenization import save_tokenizer  # pylint: disable=import-outside-toplevel
+    save_tokenizer(tok, directory)
     logging.info("trained a %d-token tokenizer, saved to %s", len(tok), directory)
   return tok
 

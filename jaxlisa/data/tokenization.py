@@ -44,6 +44,31 @@ def load_saved_tokenizer(directory: str):
                              "delete that folder to have the run regenerate it") from e
 
 
+def save_tokenizer(tok, directory: str) -> None:
+  """tok.save_pretrained(directory) as a whole: into a temporary sibling, then renamed, so a kill
+  never leaves a half-written tokenizer.json (which would stop every later resume). A folder
+  there without tokenizer.json (an older interrupted save) is replaced; one that has it (another
+  process saved first) is kept."""
+  import os  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  directory = os.path.normpath(directory)
+  tmp = f"{directory}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  try:
+    tok.save_pretrained(tmp)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.isdir(directory) and not os.path.exists(os.path.join(directory, "tokenizer.json")):
+    shutil.rmtree(directory)
+  try:
+    os.replace(tmp, directory)
+  except OSError:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+      raise
+
+
 from jaxlisa.data.conversation import (DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN,
                                        DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX,
                                        Conversation, SepStyle)

@@ -109,6 +109,20 @@ def shape_problems(metadata: Any, target: Any) -> list[str]:
   return out
 
 
+def item_problems(path: str, target: Any, partial: bool = False) -> list[str]:
+  """shape_problems of the orbax item folder `path` (a StandardSave / PyTree item, read from its
+  metadata only) against `target`; partial: only the top-level keys `target` has. [] when the
+  metadata cannot be read (it is only a courtesy: restore decides)."""
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      tree = ckptr.metadata(path).item_metadata.tree
+    if partial:
+      tree = {k: tree[k] for k in target if k in tree}
+    return shape_problems(tree, target)
+  except Exception:  # pylint: disable=broad-except
+    return []
+
+
 def abstract(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a tree of arrays, the restore target."""
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
@@ -182,12 +196,8 @@ class Checkpoints:
   def restore(self, step: int, target: dict) -> tuple[dict, dict]:
     """(state, data_state) at `step`; `target` gives shapes, dtypes and shardings (see `abstract`).
     Raises CheckpointError naming the parameters when the checkpoint does not fit `target`."""
-    try:
-      meta = self.latest.item_metadata(step)["state"]
-      problems = shape_problems(meta, target) if meta is not None else []
-      problems.sort(key=lambda p: p.startswith("opt_state"))  # parameters first, their moments after
-    except Exception:  # pylint: disable=broad-except  (metadata is only a courtesy; restore decides)
-      problems = []
+    problems = item_problems(os.path.join(str(self.latest.directory), str(step), "state"), target)
+    problems.sort(key=lambda p: p.startswith("opt_state"))  # parameters first, their moments after
     if problems:
       raise CheckpointError(
           f"checkpoint {self.latest.directory}/{step} does not fit the model ({len(problems)} difference"
@@ -201,15 +211,22 @@ class Checkpoints:
   def restore_latest(self, target: dict) -> tuple[int, dict, dict] | None:
     """(step, state, data_state) of the newest checkpoint that verifies (checksum, finite
     trained params); corrupt newer ones are moved aside with a warning. None when there is none."""
-    for step in sorted(self.latest.all_steps(), reverse=True):
-      why = verify(os.path.join(str(self.latest.directory), str(step)))
+    steps = sorted(self.latest.all_steps(), reverse=True)
+    for step in steps:
+      step_dir = os.path.join(str(self.latest.directory), str(step))
+      why = verify(step_dir)
       if why is None:
         try:
           state, data_state = self.restore(step, target)
         except CheckpointError:
           raise
         except Exception as e:  # pylint: disable=broad-except  (unreadable bytes)
-          why = f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+          first = str(e).splitlines()[0][:200] if str(e) else ""
+          if os.path.exists(os.path.join(step_dir, CHECKSUM_FILE)):
+            # its bytes are those saved: the model or the program differs, not the checkpoint
+            raise CheckpointError(f"cannot restore the checkpoint {step_dir}, whose checksum verifies: "
+                                  f"{type(e).__name__}: {first}") from e
+          why = f"restore failed: {type(e).__name__}: {first}"
         else:
           if _all_finite(state["trainable"]):
             return step, state, data_state
@@ -218,6 +235,9 @@ class Checkpoints:
       remaining = self.latest.all_steps()
       if remaining:
         logging.warning("falling back to the checkpoint at step %d", max(remaining))
+    if steps:
+      logging.warning("no checkpoint in %s verifies: starting from step 0 (the corrupt ones are in %s)",
+                      self.latest.directory, os.path.join(self.workdir, "checkpoints.corrupt"))
     return None
 
   def best_value(self) -> float | None:
@@ -316,17 +336,14 @@ def restore_params(workdir: str, abstract_params: Any, shardings: Any = None,
   latest = path.endswith(os.sep + "state")
   item = {"trainable": target} if latest else target
   restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  # a checkpoint of another model: name the parameters (orbax's error names none)
+  problems = [p for p in item_problems(path, item, partial=True)
+              if not p.endswith("not in the model")]  # a partial restore reads a subset
+  if problems:
+    raise CheckpointError(
+        f"checkpoint {path} does not fit the model ({len(problems)} difference{'s' if len(problems) > 1 else ''}:"
+        f" {'; '.join(problems[:3])}); check --config.model.* against {workdir}/config.json")
   with ocp.PyTreeCheckpointer() as ckptr:
-    try:  # a checkpoint of another model: name the parameters (orbax's error names none)
-      tree = ckptr.metadata(path).item_metadata.tree
-      problems = [p for p in shape_problems({k: tree[k] for k in item if k in tree}, item)
-                  if not p.endswith("not in the model")]  # a partial restore reads a subset
-    except Exception:  # pylint: disable=broad-except  (metadata is only a courtesy; restore decides)
-      problems = []
-    if problems:
-      raise CheckpointError(
-          f"checkpoint {path} does not fit the model ({len(problems)} difference{'s' if len(problems) > 1 else ''}:"
-          f" {'; '.join(problems[:3])}); check --config.model.* against {workdir}/config.json")
     out = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                                           partial_restore=True))
   logging.info("restored params from %s (step %d)", path, step)
