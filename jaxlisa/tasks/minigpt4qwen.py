@@ -33,7 +33,7 @@ from jaxlisa.constants import IGNORE_INDEX
 from jaxlisa.data import chatml, image_text, synthetic_captions
 from jaxlisa.models import minigpt4qwen as m4q
 from jaxlisa.tasks import model_config
-from jaxlisa.tasks.blip2 import CaptionDataTask, convert_part, convert_whole, fit_to
+from jaxlisa.tasks.captions import CaptionDataTask, convert_part, convert_whole, fit_to
 from jaxlisa.training import partition
 
 
@@ -53,7 +53,7 @@ def model_config_from(config, tokenizer) -> m4q.MiniGPT4QwenConfig:
 
 
 def trainable_patterns(c: m4q.MiniGPT4QwenConfig) -> list[str]:
-  """Regexes (full match on '/'-joined param paths, for jaxlisa.training.optimizer.trainable_mask) of what
+  """Regexes (full match on '/'-joined param paths, for jaxlisa.training.partition.trainable_mask) of what
   trains under the model config's freeze switches (minigpt4qwen.yaml defaults: only llm_proj)."""
   pats = []
   if not c.freeze_vit:
