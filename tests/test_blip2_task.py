@@ -100,8 +100,8 @@ def test_light_init_builds_every_parameter():
   from jaxlisa.tasks.blip2_stage1 import _touch_params  # pylint: disable=import-outside-toplevel
   c = MODEL_ZOO["blip2"]["tiny"][0]()
   m = B.Blip2Qformer(c)
-  full = jax.eval_shape(m.init, jax.random.PRNGKey(0), *B.dummy_inputs(c))["params"]
-  light = jax.eval_shape(lambda r: m.init(r, B.dummy_inputs(c)[0], method=_touch_params), jax.random.PRNGKey(0))
+  full = jax.eval_shape(m.init, jax.random.PRNGKey(0), *c.dummy_inputs())["params"]
+  light = jax.eval_shape(lambda r: m.init(r, c.dummy_inputs()[0], method=_touch_params), jax.random.PRNGKey(0))
   full, light = (traverse_util.flatten_dict(nn.meta.unbox(t)) for t in (full, light["params"]))
   assert sorted(full) == sorted(light) and all(full[k].shape == light[k].shape for k in full)
 
@@ -125,7 +125,7 @@ def test_init_pretrained_from_a_lavis_pth(tmp_path):
   task = Task(cfg_lib.load_config(SPEC), str(tmp_path / "wd"))
   task.prepare()
   c = task.model_config
-  params = _random_params(task.model, B.dummy_inputs(c)[0], method=_touch_params)
+  params = _random_params(task.model, c.dummy_inputs()[0], method=_touch_params)
   state = export_state(params, families.get_family("blip2_lavis").export_rules(c, ()))
   assert "Qformer.cls.predictions.transform.dense.weight" in state and "temp" in state
   path = str(tmp_path / "blip2_stage1.pth")
@@ -148,7 +148,7 @@ def test_released_size_config_trains_the_qformer_only():
   d = c.model.to_dict()
   mc = B.Blip2Config.from_dict({**d, "qformer": {**d["qformer"], "vocab_size": 30523, "encoder_hidden_size": 1408}})
   m = B.Blip2Qformer(mc)
-  shapes = nn.meta.unbox(jax.eval_shape(lambda r: m.init(r, B.dummy_inputs(mc)[0], method=_touch_params),
+  shapes = nn.meta.unbox(jax.eval_shape(lambda r: m.init(r, mc.dummy_inputs()[0], method=_touch_params),
                                         jax.random.PRNGKey(0))["params"])
   trained, frozen = partition.split(shapes, partition.trainable_mask(shapes, tuple(c.trainable), tuple(c.frozen)))
   assert list(trained["visual_encoder"]) == ["ln_vision"] and "ln_vision" not in frozen["visual_encoder"]

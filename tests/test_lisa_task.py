@@ -79,7 +79,7 @@ def forced_seg_model(tmp_path_factory):
   tok = synthetic_shapes.train_tokenizer(synthetic_shapes.read_corpus(str(d)), vocab_size=600)
   cfg = model_config_from(lisa_tiny.get_config(), tok)
   model = lisa_lib.Lisa(cfg)
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), *lisa_lib.dummy_inputs(cfg))["params"])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), *cfg.dummy_inputs())["params"])
   params = jax.tree.map(np.array, params)
   lm = params["llava"]["language_model"]
   lm["embed_tokens"]["embedding"][:, 0] = 50.0

@@ -87,7 +87,7 @@ def test_freeze_switches_decide_the_trainable_set():
       "qformer": {**tiny.model.qformer.to_dict(), "vocab_size": 1, "encoder_hidden_size": 64},
       "llm": {**tiny.model.llm.to_dict(), "vocab_size": 64}})
   model = m4q.MiniGPT4Qwen(t.model_config)
-  params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *m4q.dummy_inputs(t.model_config))["params"])
+  params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *t.model_config.dummy_inputs())["params"])
   mask = traverse_util.flatten_dict(t.trainable_mask(params))
   assert {k[0] for k, v in mask.items() if v} == {"llm_proj"}
   tiny.trainable = (r"llm_model/.*",)
@@ -106,7 +106,7 @@ def test_init_qformer_from_a_stage1_pth(task, tmp_path):
   s1 = B.Blip2Config(vision=c.vision, qformer=c.qformer.replace(use_text=True, lm_head=True, vocab_size=50,
                                                                  max_position_embeddings=32), embed_dim=16)
   model = B.Blip2Qformer(s1)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *B.dummy_inputs(s1))["params"]
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *s1.dummy_inputs())["params"]
   rs = np.random.RandomState(0)
   params = jax.tree.map(lambda s: np.asarray(0.1 * rs.randn(*s.shape), np.float32), nn.meta.unbox(shapes))
   state = export_state(params, families.get_family("blip2_lavis").export_rules(s1, ()))

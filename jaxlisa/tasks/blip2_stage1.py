@@ -93,7 +93,7 @@ class Task(CaptionDataTask):
 
   # ---------------------------------------------------------------------------------- model
   def init(self, rng):
-    pixels = blip2_lib.dummy_inputs(self.model_config)[0]
+    pixels = self.model_config.dummy_inputs()[0]
     return self.model.init(rng, pixels, method=_touch_params)["params"]
 
   def pretrained(self):

@@ -126,7 +126,7 @@ class Task(CaptionDataTask):
 
   # ---------------------------------------------------------------------------------- model
   def init(self, rng):
-    return self.model.init(rng, *m4q.dummy_inputs(self.model_config))["params"]
+    return self.model.init(rng, *self.model_config.dummy_inputs())["params"]
 
   def trainable_mask(self, params):
     pats = tuple(self.config.trainable) or tuple(trainable_patterns(self.model_config))
