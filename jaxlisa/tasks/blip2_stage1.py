@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxlisa.data import image_text, synthetic_captions
+from jaxlisa.data import image_text, synthetic_captions, tokenization
 from jaxlisa.data.lavis_processors import pre_caption
 from jaxlisa.models import blip2 as blip2_lib
 from jaxlisa.tasks import model_config
@@ -77,8 +77,8 @@ class Task(CaptionDataTask):
 
   def _train_tokenizer(self, texts):
     texts = [pre_caption(t, self.config.data.max_words) for t in texts]
-    return synthetic_captions.load_or_train(self.tokenizer_dir, synthetic_captions.train_bert_tokenizer, texts,
-                                            vocab_size=self.config.data.vocab_size)
+    return tokenization.load_or_train(self.tokenizer_dir, synthetic_captions.train_bert_tokenizer, texts,
+                                      vocab_size=self.config.data.vocab_size)
 
   def _source(self, anns, root, split):
     """Captions through LAVIS's blip_caption processor, tokenized as LAVIS (padding to max_txt_len)."""

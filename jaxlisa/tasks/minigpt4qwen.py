@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from jaxlisa.constants import IGNORE_INDEX
-from jaxlisa.data import chatml, image_text, synthetic_captions
+from jaxlisa.data import chatml, image_text, synthetic_captions, tokenization
 from jaxlisa.models import minigpt4qwen as m4q
 from jaxlisa.tasks import model_config
 from jaxlisa.tasks.captions import CaptionDataTask, convert_part, convert_whole, fit_to
@@ -103,8 +103,8 @@ class Task(CaptionDataTask):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 
   def _train_tokenizer(self, texts):
-    return synthetic_captions.load_or_train(self.tokenizer_dir, synthetic_captions.train_chatml_tokenizer, texts,
-                                            vocab_size=self.config.data.vocab_size)
+    return tokenization.load_or_train(self.tokenizer_dir, synthetic_captions.train_chatml_tokenizer, texts,
+                                      vocab_size=self.config.data.vocab_size)
 
   def _source(self, anns, root, split):
     """ChatML ids / labels of every conversation (MiniGPT4Qwen.preprocess), one image each."""
