@@ -23,7 +23,6 @@ Cases:
 Compile time (jaxlisa's first call) is excluded and reported under compile_s. fp32 on both sides.
 """
 
-import argparse
 import os
 import tempfile
 import time
@@ -37,13 +36,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers as tf  # noqa: E402
 
-from bench.common import report, timeit  # noqa: E402
+from bench.common import convert_reference, finish, parse_args, time_steps, timeit  # noqa: E402
 from configs import blip2_common  # noqa: E402
 from jaxlisa.conversion.convert import convert_checkpoint  # noqa: E402
 from jaxlisa.inference import captioning  # noqa: E402
 from jaxlisa.models import blip as blip_lib  # noqa: E402
 from jaxlisa.models import blip2 as blip2_lib  # noqa: E402
-from jaxlisa.tasks import blip2 as blip2_task  # noqa: E402
+from jaxlisa.tasks import blip2_stage1 as blip2_task  # noqa: E402
 from jaxlisa.training import partition  # noqa: E402
 from jaxlisa.training.train_state import TrainState  # noqa: E402
 from jaxlisa.training.trainer import Trainer  # noqa: E402
@@ -175,15 +174,8 @@ def bench_stage1(a, extra):
     loss_diff = abs(float(out.loss) - float(loss_t0))
     print(f"stage-1 loss, same weights and negatives: jax {float(out.loss):.6f} torch {float(loss_t0):.6f}")
 
-    box, losses_j = {"state": state}, []
-
-    def step_j():
-      box["state"], m = compiled(box["state"], batch)
-      jax.block_until_ready(box["state"])
-      losses_j.append(float(m["loss"]))
-
-    tj = timeit(step_j, warmup=1, iters=a.iters)
-    del box, state, compiled
+    tj, losses_j = time_steps(compiled, state, batch, a.iters)
+    del state, compiled
 
   # PyTorch: the same trainable set (everything but the ViT blocks / embeddings)
   trained_t = []
@@ -229,9 +221,7 @@ def bench_caption(a, extra):
     for name, t in ref.state_dict().items():
       if t.is_floating_point() and name.startswith("text_decoder.") and t.ndim == 2:
         t.add_(0.05 * torch.randn(t.shape, generator=g))
-  with tempfile.TemporaryDirectory() as d:
-    ref.save_pretrained(d)
-    conv = convert_checkpoint(d)
+  conv = convert_reference(ref)
   module = blip_lib.BlipForConditionalGeneration(conv.config)
   params = jax.device_put(conv.params)
   rs = np.random.RandomState(1)
@@ -258,30 +248,16 @@ def bench_caption(a, extra):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--image_size", type=int, default=224)
-  ap.add_argument("--v_width", type=int, default=384)
-  ap.add_argument("--v_layers", type=int, default=6)
-  ap.add_argument("--q_width", type=int, default=384)
-  ap.add_argument("--q_layers", type=int, default=6)
-  ap.add_argument("--queries", type=int, default=32)
-  ap.add_argument("--batch", type=int, default=16)
-  ap.add_argument("--text_len", type=int, default=32)
-  ap.add_argument("--caption_batch", type=int, default=4)
-  ap.add_argument("--iters", type=int, default=3)
-  a = ap.parse_args()
+  a = parse_args(image_size=224, v_width=384, v_layers=6, q_width=384, q_layers=6, queries=32, batch=16, text_len=32,
+                 caption_batch=4, iters=3)
   torch.set_num_threads(min(os.cpu_count() or 1, 2))
   t0 = time.perf_counter()
   extra = {"config": vars(a), "compile_s": {}}
   rows = [bench_stage1(a, extra), bench_caption(a, extra)]
-  extra["notes"] = [
-      "2 shared CPU cores (other jobs running): timings are noisy",
+  finish("blip", rows, extra, t0, [
       "PyTorch ITG recomputes the 32 query positions with the causal text (transformers' Q-Former has no "
       "past_key_values); jaxlisa reuses the query pass's K/V as LAVIS does",
-      "PyTorch attention: eager (the Q-Former needs its UniLM mask as an additive 4D mask)"]
-  extra["total_wall_s"] = round(time.perf_counter() - t0, 1)
-  print("compile / first-call seconds (excluded from timings):", extra["compile_s"])
-  report("blip", rows, extra)
+      "PyTorch attention: eager (the Q-Former needs its UniLM mask as an additive 4D mask)"])
 
 
 if __name__ == "__main__":

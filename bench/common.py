@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from typing import Callable
 
@@ -22,6 +24,52 @@ def timeit(fn: Callable[[], object], *, warmup: int = 1, iters: int = 5) -> floa
     fn()
     times.append(time.perf_counter() - t)
   return statistics.median(times)
+
+
+def parse_args(**defaults) -> argparse.Namespace:
+  """The benchmark's sizes from the command line: one `--name` per keyword, typed as its default."""
+  ap = argparse.ArgumentParser()
+  for name, default in defaults.items():
+    ap.add_argument(f"--{name}", type=type(default), default=default)
+  return ap.parse_args()
+
+
+def convert_reference(ref, filename: str | None = None, **kw):
+  """jaxlisa's Converted of a PyTorch reference, as a user converts it: a transformers model through
+  save_pretrained (filename None), any other module's state_dict as a .pth named `filename`; kw go to
+  convert_checkpoint."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from jaxlisa.conversion.convert import convert_checkpoint  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as d:
+    path = d
+    if filename is None:
+      ref.save_pretrained(d)
+    else:
+      path = os.path.join(d, filename)
+      torch.save(ref.state_dict(), path)
+    return convert_checkpoint(path, **kw)
+
+
+def finish(name: str, rows: list[dict], extra: dict, started: float, notes: list[str]) -> str:
+  """Notes (the shared-machine one first), total wall time and compile times into `extra`, then report."""
+  extra["notes"] = ["2 shared CPU cores (other jobs running): timings are noisy", *notes]
+  extra["total_wall_s"] = round(time.perf_counter() - started, 1)
+  print("compile / first-call seconds (excluded from timings):", extra["compile_s"])
+  return report(name, rows, extra)
+
+
+def time_steps(step: Callable, state, batch, iters: int) -> tuple[float, list[float]]:
+  """Median seconds of a compiled train step `state, metrics = step(state, batch)`, chained on its own
+  state after one warmup step; and the 'loss' of every step run."""
+  import jax  # pylint: disable=import-outside-toplevel
+  box, losses = {"state": state}, []
+
+  def run():
+    box["state"], m = step(box["state"], batch)
+    jax.block_until_ready(box["state"])
+    losses.append(float(m["loss"]))
+
+  return timeit(run, warmup=1, iters=iters), losses
 
 
 def machine() -> dict:

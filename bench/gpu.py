@@ -332,7 +332,7 @@ def main(argv=None):
     run.case("attention", f"{impl} (remat={a.attention_remat})", lambda i=impl: llm(a.attention_remat, i))
 
   c = lisa_config(a)
-  params = random_params(lisa_lib.Lisa(c), *lisa_lib.dummy_inputs(c))
+  params = random_params(lisa_lib.Lisa(c), *c.dummy_inputs())
   run.case("lisa", "train_step", lambda: lisa_train_case(a, limits, nominal_ref, c, params))
   infer = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   del params

@@ -44,7 +44,6 @@ Compile time (jaxlisa's first train step / first segment call) is excluded from 
 reported in the JSON under compile_s. Timings on a shared CPU are noisy.
 """
 
-import argparse
 import functools
 import json
 import os
@@ -63,7 +62,7 @@ import transformers as tf  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from bench import roofline  # noqa: E402
-from bench.common import report, timeit  # noqa: E402
+from bench.common import finish, parse_args, time_steps, timeit  # noqa: E402
 from tests.conftest import stub_torchvision  # noqa: E402
 
 stub_torchvision()
@@ -386,16 +385,8 @@ def bench_train(ref, conv, a, config, task, workdir, extra, limits):
   extra["train"] = {"jax_setup_s (trainer, state)": round(setup, 1), **trainer.describe()}
   extra["train"]["params"] = f"{trainer.num_params:,} ({trainer.num_trainable:,} trained)"
   print("jax train step compiled:", extra["compile_s"]["train_step"], "s;", trainer.compile_info)
-  box = {"state": state}
-  losses_j = []
-
-  def step_j():
-    box["state"], m = compiled(box["state"], batch)
-    jax.block_until_ready(box["state"])
-    losses_j.append(float(m["loss"]))
-
-  tj = timeit(step_j, warmup=1, iters=a.iters)
-  del box, state, compiled
+  tj, losses_j = time_steps(compiled, state, batch, a.iters)
+  del state, compiled
 
   # --- PyTorch: model_forward + backward + clip + AdamW
   llama = ref["llama"]
@@ -519,21 +510,8 @@ def bench_segment(ref, conv, a, tokenizer, extra):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--vision_layers", type=int, default=4)
-  ap.add_argument("--vision_width", type=int, default=256)
-  ap.add_argument("--image_size", type=int, default=224)
-  ap.add_argument("--layers", type=int, default=4)
-  ap.add_argument("--hidden", type=int, default=512)
-  ap.add_argument("--vocab", type=int, default=32000)
-  ap.add_argument("--sam_size", type=int, default=512)
-  ap.add_argument("--sam_width", type=int, default=256)
-  ap.add_argument("--sam_depth", type=int, default=4)
-  ap.add_argument("--new_tokens", type=int, default=64)
-  ap.add_argument("--iters", type=int, default=3)
-  ap.add_argument("--nocache_iters", type=int, default=1)
-  ap.add_argument("--probe_images", type=int, default=6)
-  a = ap.parse_args()
+  a = parse_args(vision_layers=4, vision_width=256, image_size=224, layers=4, hidden=512, vocab=32000, sam_size=512,
+                 sam_width=256, sam_depth=4, new_tokens=64, iters=3, nocache_iters=1, probe_images=6)
   t_start = time.perf_counter()
   limits = roofline.Roofline.measure()
   ref = build_reference(a)
@@ -549,16 +527,12 @@ def main():
     # segment first: the train step updates the PyTorch weights in place
     seg_rows = bench_segment(ref, conv, a, task.tokenizer, extra)
     rows = [bench_train(ref, conv, a, config, task, workdir, extra, limits)] + seg_rows
-  extra["notes"] = [
-      "2 shared CPU cores (other jobs running): timings are noisy",
+  finish("lisa", rows, extra, t_start, [
       "LoRA (peft not installed) replaced by full q_proj/v_proj kernels on both sides",
       "jaxlisa train batch [I=2, J=3]: one padded conversation slot (6 LLM rows vs PyTorch's 5); CLIP once per "
       "image (PyTorch: once per conversation, as LISA)",
       "jaxlisa segment left-pads the prompt to a length bucket",
-      "PyTorch attention: transformers' default (sdpa); LISA ran 4.31's eager attention"]
-  extra["total_wall_s"] = round(time.perf_counter() - t_start, 1)
-  print("compile / first-call seconds (excluded from timings):", extra["compile_s"])
-  report("lisa", rows, extra)
+      "PyTorch attention: transformers' default (sdpa); LISA ran 4.31's eager attention"])
 
 
 if __name__ == "__main__":

@@ -8,9 +8,6 @@ included, KV cache on both sides, eos disabled so every run decodes exactly new_
 random weights on both sides (converted with jaxlisa's converter); fp32.
 """
 
-import argparse
-import tempfile
-
 import _path  # noqa: F401,E402  pylint: disable=unused-import  (the repo root on sys.path)
 
 import jax  # noqa: E402
@@ -19,25 +16,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 
-from bench.common import report, timeit  # noqa: E402
-from jaxlisa.conversion.convert import convert_checkpoint  # noqa: E402
+from bench.common import convert_reference, parse_args, report, timeit  # noqa: E402
 from jaxlisa.inference import multimodal  # noqa: E402
 from jaxlisa.models import llava  # noqa: E402
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--vision_layers", type=int, default=4)
-  ap.add_argument("--vision_width", type=int, default=256)
-  ap.add_argument("--image_size", type=int, default=224)
-  ap.add_argument("--layers", type=int, default=4)
-  ap.add_argument("--hidden", type=int, default=512)
-  ap.add_argument("--vocab", type=int, default=32000)
-  ap.add_argument("--prompt", type=int, default=32)
-  ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--new_tokens", type=int, default=64)
-  ap.add_argument("--iters", type=int, default=3)
-  a = ap.parse_args()
+  a = parse_args(vision_layers=4, vision_width=256, image_size=224, layers=4, hidden=512, vocab=32000, prompt=32,
+                 batch=4, new_tokens=64, iters=3)
 
   torch.manual_seed(0)
   image_token = a.vocab - 1  # llava-hf keeps the image token inside the vocabulary
@@ -51,9 +37,7 @@ def main():
                        eos_token_id=2),
       image_token_index=image_token)
   ref = tf.LlavaForConditionalGeneration(cfg).eval()
-  with tempfile.TemporaryDirectory() as d:
-    ref.save_pretrained(d)
-    conv = convert_checkpoint(d)
+  conv = convert_reference(ref)
   module = llava.Llava(conv.config)
   params = jax.device_put(conv.params)
   n_img = conv.config.tokens_per_crop

@@ -13,9 +13,6 @@ decode as bytes read per step (weights + the whole preallocated KV cache) over t
 as a fraction of the measured copy bandwidth (the per-token time includes the prefill's share).
 """
 
-import argparse
-import tempfile
-
 import _path  # noqa: F401,E402  pylint: disable=unused-import  (the repo root on sys.path)
 
 import jax  # noqa: E402
@@ -26,25 +23,14 @@ import optax  # noqa: E402
 import transformers as tf  # noqa: E402
 
 from bench import roofline  # noqa: E402
-from bench.common import report, timeit  # noqa: E402
+from bench.common import convert_reference, parse_args, report, timeit  # noqa: E402
 from bench.lm_step import make_train_step  # noqa: E402
-from jaxlisa.conversion.convert import convert_checkpoint  # noqa: E402
 from jaxlisa.inference.generate import generate  # noqa: E402
 from jaxlisa.models.llm import DecoderLM  # noqa: E402
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--layers", type=int, default=8)
-  ap.add_argument("--hidden", type=int, default=512)
-  ap.add_argument("--vocab", type=int, default=32000)
-  ap.add_argument("--seq", type=int, default=512)
-  ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--prompt", type=int, default=16)
-  ap.add_argument("--new_tokens", type=int, default=128)
-  ap.add_argument("--train_batch", type=int, default=4)
-  ap.add_argument("--iters", type=int, default=3)
-  a = ap.parse_args()
+  a = parse_args(layers=8, hidden=512, vocab=32000, seq=512, batch=8, prompt=16, new_tokens=128, train_batch=4, iters=3)
   limits = roofline.Roofline.measure()
 
   torch.manual_seed(0)
@@ -52,9 +38,7 @@ def main():
                        num_hidden_layers=a.layers, num_attention_heads=a.hidden // 64,
                        max_position_embeddings=2048, pad_token_id=0, eos_token_id=2)
   ref = tf.LlamaForCausalLM(cfg).eval()
-  with tempfile.TemporaryDirectory() as d:
-    ref.save_pretrained(d)
-    conv = convert_checkpoint(d)
+  conv = convert_reference(ref)
   module = DecoderLM(conv.config)
   params = jax.device_put(conv.params)
   rows = []

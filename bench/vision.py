@@ -9,10 +9,6 @@ FLOPs from the config's shapes):
   CLIP ViT-L/14 at 224 px             vs transformers' CLIPVisionModel
 """
 
-import argparse
-import os
-import tempfile
-
 import _path  # noqa: F401,E402  pylint: disable=unused-import  (the repo root on sys.path)
 
 import jax  # noqa: E402
@@ -21,8 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench import roofline  # noqa: E402
-from bench.common import report, timeit  # noqa: E402
-from jaxlisa.conversion.convert import convert_checkpoint  # noqa: E402
+from bench.common import convert_reference, parse_args, report, timeit  # noqa: E402
 from jaxlisa.models import clip as clip_lib  # noqa: E402
 from jaxlisa.models import sam as sam_lib  # noqa: E402
 
@@ -33,9 +28,7 @@ def bench_sam(iters, limits):
   from segment_anything import build_sam_vit_b  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
   ref = build_sam_vit_b().eval()
-  with tempfile.TemporaryDirectory() as d:
-    torch.save(ref.state_dict(), os.path.join(d, "sam_vit_b.pth"))
-    conv = convert_checkpoint(os.path.join(d, "sam_vit_b.pth"), family="sam")
+  conv = convert_reference(ref, "sam_vit_b.pth", family="sam")
   module = sam_lib.Sam(conv.config)
   params = jax.device_put(conv.params)
   x = np.random.RandomState(0).randn(1, 1024, 1024, 3).astype(np.float32)
@@ -60,9 +53,7 @@ def bench_clip(iters, limits):
   cfg = tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                             num_attention_heads=16, image_size=224, patch_size=14, hidden_act="quick_gelu")
   ref = tf.CLIPVisionModel(cfg).eval()
-  with tempfile.TemporaryDirectory() as d:
-    ref.save_pretrained(d)
-    conv = convert_checkpoint(d)
+  conv = convert_reference(ref)
   module = clip_lib.CLIPVisionModel(conv.config)
   params = jax.device_put(conv.params)
   x = np.random.RandomState(0).randn(1, 224, 224, 3).astype(np.float32)
@@ -85,9 +76,7 @@ def bench_clip(iters, limits):
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--iters", type=int, default=3)
-  a = ap.parse_args()
+  a = parse_args(iters=3)
   limits = roofline.Roofline.measure()
   rows = [bench_sam(a.iters, limits), bench_clip(a.iters, limits)]
   report("vision", rows, {"config": vars(a), "roofline": limits.as_dict()})

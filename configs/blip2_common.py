@@ -29,6 +29,26 @@ def bert_base_qformer(**kw) -> dict:
   return {**base, **kw}
 
 
+# The tiny demos' towers (configs/blip2_tiny.py, configs/minigpt4qwen_tiny.py): trained from scratch at 64 px.
+TINY_VISION = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_dim=128,
+                   layer_norm_eps=1e-6, ln_vision_eps=1e-5)
+
+
+def tiny_qformer(**kw) -> dict:
+  """A 2-layer, 64-wide Q-Former with cross-attention in every layer and 8 queries, no dropout."""
+  return bert_base_qformer(**{**dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, cross_attention_freq=1, num_query_tokens=8,
+                                     hidden_dropout_prob=0.0), **kw})
+
+
+def tiny_runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The tiny demos' smoke run: 80 images, one ViT and one Q-Former layer, 30 steps of 8."""
+  config.data.synthetic.update(num_train=64, num_val=16)
+  config.model.vision.num_hidden_layers = 1
+  config.model.qformer.num_hidden_layers = 1
+  return common.smoke(config, total_steps=30, batch_size=8, eval_every=15, ckpt_every=15)
+
+
 def data(**synthetic) -> ml_collections.ConfigDict:
   """base_dir '' = the synthetic shapes captions/instructions written to workdir/data."""
   return ml_collections.ConfigDict(dict(

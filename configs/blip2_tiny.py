@@ -15,12 +15,8 @@ from jaxlisa.config import parse_arg
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False)
-  vision = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_dim=128,
-                layer_norm_eps=1e-6, ln_vision_eps=1e-5)
-  qformer = blip2_common.bert_base_qformer(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                           intermediate_size=128, max_position_embeddings=32, cross_attention_freq=1,
-                                           num_query_tokens=8, hidden_dropout_prob=0.0)
-  config = blip2_common.stage1_config(vision, qformer, embed_dim=32, max_txt_len=24)
+  qformer = blip2_common.tiny_qformer(max_position_embeddings=32)
+  config = blip2_common.stage1_config(dict(blip2_common.TINY_VISION), qformer, embed_dim=32, max_txt_len=24)
   config.frozen = ()  # from scratch: everything learns
   config.total_steps = 1000
   config.batch_size = 32
@@ -29,13 +25,5 @@ def get_config(arg=None):
   config.eval_every = 250
   config.ckpt_every = 500
   if arg.runlocal:
-    config.data.synthetic.update(num_train=64, num_val=16)
-    config.model.vision.num_hidden_layers = 1
-    config.model.qformer.num_hidden_layers = 1
-    config.total_steps = 30
-    config.batch_size = 8
-    config.log_every = 1
-    config.eval_every = 15
-    config.ckpt_every = 15
-    config.optim.warmup_steps = 2
+    blip2_common.tiny_runlocal(config)
   return config

@@ -79,6 +79,19 @@ def trainer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+def smoke(config: ml_collections.ConfigDict, *, total_steps: int, batch_size: int, eval_every: int,
+          ckpt_every: int) -> ml_collections.ConfigDict:
+  """A config's `runlocal` variant (CI smoke runs): a few steps that log every step and exercise
+  evaluation and checkpoints, with a 2-step warmup."""
+  config.total_steps = total_steps
+  config.batch_size = batch_size
+  config.log_every = 1
+  config.eval_every = eval_every
+  config.ckpt_every = ckpt_every
+  config.optim.warmup_steps = 2
+  return config
+
+
 def preset_fields(preset, names: str | None = None) -> dict:
   """The fields of a model-config preset (`jaxlisa.models`' classmethods / functions, where a
   family's sizes are written once) as a plain dict: `names` (space separated) picks some."""

@@ -34,12 +34,7 @@ def get_config(arg=None):
       seed=0, num_train=10_000, num_eval=256, seq_len=64, max_facts=2, vocab_size=256, tokenizer_docs=2000))
 
   if arg.runlocal:  # smoke test: a few steps of a narrower model, checkpoints and eval exercised
-    config.total_steps = 8
-    config.batch_size = 8
-    config.log_every = 1
-    config.eval_every = 4
-    config.ckpt_every = 4
-    config.optim.warmup_steps = 2
+    common.smoke(config, total_steps=8, batch_size=8, eval_every=4, ckpt_every=4)
     config.model.update(hidden_size=64, intermediate_size=128)
     config.data.update(num_train=256, num_eval=16, tokenizer_docs=256)
   return config

@@ -15,17 +15,12 @@ from jaxlisa.config import parse_arg
 
 def get_config(arg=None):
   arg = parse_arg(arg, runlocal=False)
-  vision = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_dim=128,
-                layer_norm_eps=1e-6, ln_vision_eps=1e-5)
-  qformer = blip2_common.bert_base_qformer(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                           intermediate_size=128, cross_attention_freq=1, num_query_tokens=8,
-                                           hidden_dropout_prob=0.0)
   llm = dict(family="qwen", vocab_size=-1, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, max_position_embeddings=256, norm_eps=1e-6, attention_bias=True,
              bos_token_id=None, eos_token_id=0, pad_token_id=0, scan_layers=True)
-  config = blip2_common.minigpt4qwen_config(vision, qformer, llm, max_txt_len=128, freeze_vit=False,
-                                            freeze_qformer=False, freeze_queries=False, freeze_proj=False,
-                                            freeze_llm=False)
+  config = blip2_common.minigpt4qwen_config(dict(blip2_common.TINY_VISION), blip2_common.tiny_qformer(), llm,
+                                            max_txt_len=128, freeze_vit=False, freeze_qformer=False,
+                                            freeze_queries=False, freeze_proj=False, freeze_llm=False)
   config.total_steps = 600
   config.batch_size = 16
   config.optim.update(lr=1e-3, min_lr=1e-5, warmup_steps=50)
@@ -33,13 +28,5 @@ def get_config(arg=None):
   config.eval_every = 200
   config.ckpt_every = 300
   if arg.runlocal:
-    config.data.synthetic.update(num_train=64, num_val=16)
-    config.model.vision.num_hidden_layers = 1
-    config.model.qformer.num_hidden_layers = 1
-    config.total_steps = 30
-    config.batch_size = 8
-    config.log_every = 1
-    config.eval_every = 15
-    config.ckpt_every = 15
-    config.optim.warmup_steps = 2
+    blip2_common.tiny_runlocal(config)
   return config

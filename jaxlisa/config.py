@@ -244,16 +244,21 @@ def write_config(config: ConfigDict, workdir: str, argv: Sequence[str] | None = 
   return path
 
 
-def read_config(workdir: str, name: str = "config.json") -> dict | None:
-  """The JSON config of a run (None when there is none); a corrupt file is a ConfigError naming it."""
-  path = os.path.join(workdir, name)
+def read_json(path: str, error: type[Exception] = ValueError) -> Any:
+  """The JSON object in `path` (None when there is no such file); an unreadable or corrupt file
+  raises `error` naming it."""
   if not os.path.exists(path):
     return None
   try:
     with open(path) as fh:
       return json.load(fh)
   except (OSError, ValueError) as e:
-    raise ConfigError(f"cannot read {path}: {e}") from None
+    raise error(f"cannot read {path}: {e}") from None
+
+
+def read_config(workdir: str, name: str = "config.json") -> dict | None:
+  """The JSON config of a run (None when there is none); a corrupt file is a ConfigError naming it."""
+  return read_json(os.path.join(workdir, name), ConfigError)
 
 
 # Leaves (by last name, under model.* and data.*) that change what a checkpoint holds: a run with

@@ -116,14 +116,6 @@ def model_types(name: str) -> list[str]:
   return sorted(MODEL_ZOO[name])
 
 
-def _dummy(module, config):
-  if isinstance(module, blip_lib.BlipForConditionalGeneration):
-    return blip_lib.dummy_inputs(config)
-  if isinstance(module, m4q_lib.MiniGPT4Qwen):
-    return m4q_lib.dummy_inputs(config)
-  return blip2_lib.dummy_inputs(config)
-
-
 def load_model_and_preprocess(name: str, model_type: str = "tiny", *, checkpoint: str | None = None,
                               config_overrides: dict | None = None, seed: int = 0):
   """(module, params, vis_processors {"train", "eval"}, txt_processors {"train", "eval"}).
@@ -153,7 +145,7 @@ def load_model_and_preprocess(name: str, model_type: str = "tiny", *, checkpoint
   else:
     logging.warning("%s/%s: no checkpoint given, parameters are randomly initialised", name, model_type)
     module = cls(config)
-    variables = jax.jit(module.init)(jax.random.PRNGKey(seed), *_dummy(module, config))
+    variables = jax.jit(module.init)(jax.random.PRNGKey(seed), *config.dummy_inputs())
     params = nn.meta.unbox(variables["params"])
   vis = {"eval": ImageEvalProcessor(size), "train": ImageTrainProcessor(size, seed=seed)}
   if name == "minigpt4qwen":

@@ -80,6 +80,27 @@ def tiny_reference_sam(depth: int, decoder_heads: int, img: int = 64, patch: int
   return model
 
 
+def converted_sam(path: str):
+  """(Converted, its `Sam` module, {'params': ...}) of a SAM checkpoint (.pth or HF directory)."""
+  from jaxlisa.conversion.convert import convert_checkpoint  # pylint: disable=import-outside-toplevel
+  from jaxlisa.models.sam import Sam  # pylint: disable=import-outside-toplevel
+  conv = convert_checkpoint(str(path))
+  return conv, Sam(conv.config), {"params": conv.params}
+
+
+def jitted_sam(model, variables) -> dict:
+  """A Sam's parts under jit: encode(pixels), prompts(kwargs), dense_pe(), decode(embeddings, sparse,
+  dense, multimask (static), *image_index)."""
+  from jaxlisa.models.sam import Sam  # pylint: disable=import-outside-toplevel
+  v = variables
+  return dict(
+      encode=jax.jit(lambda x: model.apply(v, x, method=Sam.encode_image)),
+      prompts=jax.jit(lambda kw: model.apply(v, **kw, method=Sam.encode_prompts)),
+      dense_pe=jax.jit(lambda: model.apply(v, method=Sam.get_dense_pe)),
+      decode=jax.jit(lambda e, s, d, mm, *idx: model.apply(v, e, s, d, mm, *idx, method=Sam.decode),
+                     static_argnums=3))
+
+
 def max_abs_diff(a, b, mask=None) -> float:
   a = np.asarray(a, np.float64)
   b = np.asarray(b.detach().numpy() if hasattr(b, "detach") else b, np.float64)
@@ -134,6 +155,31 @@ def run_main_then_resume(spec: str, workdir, stop_after: int):
     finally:
       trainer.close()
   return cli.stdout, result
+
+
+@pytest.fixture(scope="module")
+def resumed_run(request, tmp_path_factory):
+  """main.py on the test module's SPEC (a runlocal config of 30 steps), stopped after 15; then the
+  same job resumed in process: (workdir, main.py's stdout, Trainer.fit's result)."""
+  wd = tmp_path_factory.mktemp("run")
+  stdout, result = run_main_then_resume(request.module.SPEC, wd, stop_after=15)
+  return wd, stdout, result
+
+
+def check_resumed_run(workdir, cli: str, result: dict, stop_after: int = 15, total: int = 30):
+  """What every run_main_then_resume job of a caption-data task shows: resumed at `stop_after`,
+  done at `total`, checkpoints at both, a train row every step, eval rows at both, the trained
+  tokenizer and the synthetic corpus in the workdir. Returns (metrics rows, train rows)."""
+  from jaxlisa.training.trainer import read_metrics  # pylint: disable=import-outside-toplevel
+  assert result["start_step"] == stop_after and result["step"] == total
+  assert sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit()) == [stop_after, total]
+  rows = read_metrics(str(workdir))
+  train = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train] == list(range(1, total + 1))
+  assert f"done: step {stop_after}/{total}" in cli
+  assert [r["step"] for r in rows if "eval/loss" in r] == [stop_after, total]
+  assert os.path.isfile(workdir / "tokenizer" / "tokenizer.json") and os.path.isfile(workdir / "data" / "corpus.json")
+  return rows, train
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The command line as a user meets it (subprocesses; fast paths only): --help, typo overrides,
-eval / segment refusing to run without weights, python -m jaxlisa, non-terminal progress lines."""
+"""The command line as a user meets it (subprocesses; fast paths only): --help of main.py, the
+converter and the planner, typo overrides, eval / segment refusing to run without weights,
+python -m jaxlisa, non-terminal progress lines."""
 
 import os
 import subprocess
@@ -57,6 +58,15 @@ def test_converter_help_lists_families():
   for fam in ("llama", "sam", "lisa", "llava_hf", "blip2_opt_hf"):
     assert fam in r.stdout
   assert "--clip_src" in r.stdout and "--override" in r.stdout
+
+
+def test_planner_help_exits_0_with_main_py_flag_style():
+  r = _run("tools/plan.py", "--help")
+  assert r.returncode == 0, r.stderr
+  for flag in ("--config:", "--config.a.b=VALUE", "--devices:", "--target:", "--mesh:", "--remat:"):
+    assert flag in r.stdout
+  assert "save_dots_no_batch_dims" in r.stdout and "minimal" not in r.stdout  # remat names as models/layers.py
+  assert "Traceback" not in r.stderr and not any(n in r.stdout + r.stderr for n in NOISE)
 
 
 def test_progress_off_a_terminal_is_one_line_per_interval():

@@ -237,7 +237,7 @@ def test_per_image_layout_is_flat_grouped(tok):
 
 
 def _to_micro(x, k):
-  """The trainer's microbatch split (training/optimizer.py): micro j holds rows j, j + k, ..."""
+  """The trainer's microbatch split (training/accumulation.py): micro j holds rows j, j + k, ..."""
   return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
 
 

@@ -32,7 +32,7 @@ def official(tmp_path_factory):
   config = lisa_tiny.get_config()
   config.model.sam.decoder_num_heads = 8  # what every published SAM has: a .pth cannot say otherwise
   cfg = model_config_from(config, tok)
-  params = nn.meta.unbox(jax.jit(lisa_lib.Lisa(cfg).init)(jax.random.PRNGKey(0), *lisa_lib.dummy_inputs(cfg))["params"])
+  params = nn.meta.unbox(jax.jit(lisa_lib.Lisa(cfg).init)(jax.random.PRNGKey(0), *cfg.dummy_inputs())["params"])
   params = jax.tree.map(np.asarray, params)
   save_file({k: np.ascontiguousarray(v) for k, v in export_lisa(params, cfg).items()},
             str(ckpt / "model.safetensors"))

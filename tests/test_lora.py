@@ -47,7 +47,7 @@ def test_lora_lisa_export_merges_adapters():
   d["llava"] = {**d["llava"], "text": {**d["llava"]["text"], "vocab_size": 64, "lora_rank": 4, "lora_alpha": 16.0}}
   cfg = lisa_lib.LisaConfig.from_dict({**d, "seg_token_idx": 63})
   plain_cfg = cfg.replace(llava=cfg.llava.replace(text=cfg.llava.text.replace(lora_rank=0)))
-  inputs = lisa_lib.dummy_inputs(cfg)
+  inputs = cfg.dummy_inputs()
   params = nn.meta.unbox(jax.jit(lisa_lib.Lisa(cfg).init)(jax.random.PRNGKey(0), *inputs)["params"])
   params = jax.tree.map(np.asarray, params)
   rs = np.random.RandomState(2)

@@ -130,7 +130,7 @@ CFG = M.MiniGPT4QwenConfig(
 @pytest.fixture(scope="module")
 def model():
   module = M.MiniGPT4Qwen(CFG)
-  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *M.dummy_inputs(CFG)))["params"]
+  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *CFG.dummy_inputs()))["params"]
   rs = np.random.RandomState(0)
   params = jax.tree.map(lambda s: jnp.asarray(0.3 * rs.randn(*s.shape).astype(np.float32)), shapes)
   return module, params
@@ -175,7 +175,7 @@ def _mask(shapes, c):
 
 def test_freeze_switches():
   module, _ = M.MiniGPT4Qwen(CFG), None
-  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *M.dummy_inputs(CFG)))["params"]
+  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0), *CFG.dummy_inputs()))["params"]
   on = lambda c: sorted({"/".join(k[:1]) for k, v in _flat(_mask(shapes, c)).items() if v})
   assert on(CFG) == ["llm_proj"]
   assert on(CFG.replace(freeze_proj=True)) == []
@@ -185,7 +185,7 @@ def test_freeze_switches():
   assert mask[("visual_encoder", "pos_embed")] and not mask[("visual_encoder", "cls_token")]
   lora = CFG.with_lora(rank=2)
   lshapes = nn.meta.unbox(jax.eval_shape(M.MiniGPT4Qwen(lora).init, jax.random.PRNGKey(0),
-                                         *M.dummy_inputs(lora)))["params"]
+                                         *lora.dummy_inputs()))["params"]
   trained = [k for k, v in _flat(_mask(lshapes, lora)).items() if v]
   assert {k[-1] for k in trained if k[0] == "llm_model"} == {"lora_a", "lora_b"}
   assert {k[-2] for k in trained if k[0] == "llm_model"} == {"q_proj", "v_proj"}
@@ -201,7 +201,7 @@ def test_fresh_lora_is_identity_and_greedy_answers(model):
   x, data = _batch()
   lora = CFG.with_lora(rank=2)
   lmod = M.MiniGPT4Qwen(lora)
-  lshapes = nn.meta.unbox(jax.eval_shape(lmod.init, jax.random.PRNGKey(0), *M.dummy_inputs(lora)))["params"]
+  lshapes = nn.meta.unbox(jax.eval_shape(lmod.init, jax.random.PRNGKey(0), *lora.dummy_inputs()))["params"]
   lparams = _flat(jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), lshapes))
   base = _flat(params)
   lparams = {k: (base[k] if k in base else (v if k[-1] == "lora_a" else jnp.zeros_like(v))) for k, v in lparams.items()}

@@ -12,35 +12,21 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import run_main_then_resume
+from conftest import check_resumed_run
 from jaxlisa import config as cfg_lib
 from jaxlisa.data import synthetic_captions as sc
 from jaxlisa.models import minigpt4qwen as m4q
-from jaxlisa.training.trainer import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = os.path.join(ROOT, "configs", "minigpt4qwen_tiny.py") + ":runlocal"
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def test_trains_validates_checkpoints_resumes_and_loss_falls(resumed_run):
   """main.py on runlocal, stopped after 15 of its 30 steps; then the same job resumed in process."""
-  wd = tmp_path_factory.mktemp("run")
-  stdout, result = run_main_then_resume(SPEC, wd, stop_after=15)
-  return wd, stdout, result
-
-
-def test_trains_validates_checkpoints_resumes_and_loss_falls(run):
-  wd, cli, result = run
-  assert result["start_step"] == 15 and result["step"] == 30
-  assert sorted(int(s) for s in os.listdir(wd / "checkpoints") if s.isdigit()) == [15, 30]
-  rows = read_metrics(str(wd))
-  train = [r for r in rows if "train/loss" in r]
-  assert [r["step"] for r in train] == list(range(1, 31))
+  wd, cli, result = resumed_run
+  _, train = check_resumed_run(wd, cli, result)
   losses = [r["train/loss"] for r in train]
-  assert "done: step 15/30" in cli and "eval/accuracy" in cli
-  assert [r["step"] for r in rows if "eval/loss" in r] == [15, 30]
-  assert os.path.isfile(wd / "tokenizer" / "tokenizer.json") and os.path.isfile(wd / "data" / "corpus.json")
+  assert "eval/accuracy" in cli
   assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0, losses
   acc = [r["train/accuracy"] for r in train]
   assert np.mean(acc[-5:]) > np.mean(acc[:3]) + 0.1, acc
@@ -101,7 +87,7 @@ def test_freeze_switches_decide_the_trainable_set():
       "qformer": {**tiny.model.qformer.to_dict(), "vocab_size": 1, "encoder_hidden_size": 64},
       "llm": {**tiny.model.llm.to_dict(), "vocab_size": 64}})
   model = m4q.MiniGPT4Qwen(t.model_config)
-  params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *m4q.dummy_inputs(t.model_config))["params"])
+  params = nn.meta.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *t.model_config.dummy_inputs())["params"])
   mask = traverse_util.flatten_dict(t.trainable_mask(params))
   assert {k[0] for k, v in mask.items() if v} == {"llm_proj"}
   tiny.trainable = (r"llm_model/.*",)
@@ -120,7 +106,7 @@ def test_init_qformer_from_a_stage1_pth(task, tmp_path):
   s1 = B.Blip2Config(vision=c.vision, qformer=c.qformer.replace(use_text=True, lm_head=True, vocab_size=50,
                                                                  max_position_embeddings=32), embed_dim=16)
   model = B.Blip2Qformer(s1)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *B.dummy_inputs(s1))["params"]
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *s1.dummy_inputs())["params"]
   rs = np.random.RandomState(0)
   params = jax.tree.map(lambda s: np.asarray(0.1 * rs.randn(*s.shape), np.float32), nn.meta.unbox(shapes))
   state = export_state(params, families.get_family("blip2_lavis").export_rules(s1, ()))

@@ -16,7 +16,6 @@ torch = pytest.importorskip("torch")
 conftest.stub_torchvision()
 from segment_anything.modeling import image_encoder as sa_ie  # noqa: E402
 
-from jaxlisa.conversion import convert as conv_lib  # noqa: E402
 from jaxlisa.conversion import sam as sam_conv  # noqa: E402
 from jaxlisa.conversion.keymap import export_state  # noqa: E402
 from jaxlisa.models import sam as S  # noqa: E402
@@ -44,19 +43,12 @@ def ref():
 def converted(ref, tmp_path_factory):
   path = tmp_path_factory.mktemp("sam") / "sam_tiny.pth"
   torch.save(ref.state_dict(), path)
-  conv = conv_lib.convert_checkpoint(str(path))
-  return conv, S.Sam(conv.config), {"params": conv.params}
+  return conftest.converted_sam(path)
 
 
 @pytest.fixture(scope="module")
 def fns(converted):
-  _, model, v = converted
-  return dict(
-      encode=jax.jit(lambda x: model.apply(v, x, method=S.Sam.encode_image)),
-      prompts=jax.jit(lambda kw: model.apply(v, **kw, method=S.Sam.encode_prompts)),
-      dense_pe=jax.jit(lambda: model.apply(v, method=S.Sam.get_dense_pe)),
-      decode=jax.jit(lambda e, s, d, mm, idx: model.apply(v, e, s, d, mm, idx, method=S.Sam.decode),
-                     static_argnums=3))
+  return conftest.jitted_sam(*converted[1:])
 
 
 @pytest.fixture(scope="module")

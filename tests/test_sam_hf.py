@@ -1,21 +1,18 @@
 """Parity of jaxlisa SAM with transformers' SamModel, through the `sam_hf` converter
 (save_pretrained -> config.json + model.safetensors -> convert)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import max_abs_diff
+from conftest import converted_sam, jitted_sam, max_abs_diff
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxlisa.conversion import convert as conv_lib  # noqa: E402
 from jaxlisa.conversion import sam as sam_conv  # noqa: E402
 from jaxlisa.conversion.checkpoint_io import open_checkpoint  # noqa: E402
 from jaxlisa.conversion.keymap import export_state  # noqa: E402
-from jaxlisa.models import sam as S  # noqa: E402
 
 TOL = 1e-4
 IMG, GRID = 64, 8
@@ -46,17 +43,12 @@ def hf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(hf):
-  conv = conv_lib.convert_checkpoint(hf[1])
-  return conv, S.Sam(conv.config), {"params": conv.params}
+  return converted_sam(hf[1])
 
 
 @pytest.fixture(scope="module")
 def fns(converted):
-  _, model, v = converted
-  return dict(
-      encode=jax.jit(lambda x: model.apply(v, x, method=S.Sam.encode_image)),
-      prompts=jax.jit(lambda kw: model.apply(v, **kw, method=S.Sam.encode_prompts)),
-      decode=jax.jit(lambda e, s, d, mm: model.apply(v, e, s, d, mm, method=S.Sam.decode), static_argnums=3))
+  return jitted_sam(*converted[1:])
 
 
 @pytest.fixture(scope="module")

@@ -87,7 +87,7 @@ def test_tiny_models_build(name):
   make, cls, family, size, _ = R.MODEL_ZOO[name]["tiny"]
   config = make()
   module = cls(config)
-  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *R._dummy(module, config))["params"]  # pylint: disable=protected-access
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *config.dummy_inputs())["params"]
   assert "visual_encoder" in shapes and "query_tokens" in shapes
   assert conv_families.get_family(family).build(config) == module
   assert R.ImageEvalProcessor(size)(np.zeros((10, 12, 3), np.uint8)).shape == (size, size, 3)

@@ -94,8 +94,8 @@ FLAG_SPECS = (
     ("mesh", "string", None, "e.g. 'fsdp=16' or 'data=2,fsdp=4,tensor=2' (axes not named are 1); default: config.mesh"),
     ("per_device_batch", "integer", 1, "images per device per microbatch"),
     ("grad_accum", "integer", 1, "microbatches per step (default 1)"),
-    ("remat", "string", None, "LLM remat policy (config.model.llava.text.remat_policy): none, full, minimal, "
-     "save_dot_except_mlp, save_qkv_proj, save_out_proj"),
+    ("remat", "string", None, "LLM remat policy (config.model.llava.text.remat_policy): none, full, "
+     "save_dots_no_batch_dims, save_dot_except_mlp, save_qkv_proj, save_out_proj, everything"),
     ("seq", "integer", None, "tokens per conversation (default config.data.collate.model_max_length)"),
     ("convs", "integer", None, "conversations per image (default collate max_conversations_per_image)"),
     ("mask_size", "integer", None, "gt mask side (default SAM img_size)"),
@@ -142,6 +142,15 @@ def parse_args(argv, flag_values=None):
   fv = flags.FlagValues() if flag_values is None else flag_values
   argv, spec, _ = cli.define_config_flag(["plan.py", *argv], DEFAULT_CONFIG, fv)
   _define_flags(fv)
+  if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):  # exit 0 (absl's --help exits 1)
+    fv.mark_as_parsed()
+    print(__doc__)
+    print("flags:")
+    print(f"  --config: config file, 'path.py' or 'path.py:arg' (get_config(arg)); any field: --config.a.b=VALUE\n"
+          f"    (default: {os.path.relpath(DEFAULT_CONFIG)}; this run: {os.path.relpath(spec)})")
+    print("\n".join(line for line in fv.module_help(sys.modules[__name__]).splitlines()
+                    if line.startswith(" ")))  # without the module-name header
+    sys.exit(0)
   try:
     rest = fv(argv)
   except flags.Error as e:

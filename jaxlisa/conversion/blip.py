@@ -13,12 +13,11 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from jaxlisa.conversion.blip2 import QFORMER_SKIP, _dense, _ln, hf_vision_rules, qformer_rules, vision_config_from_hf
+from jaxlisa.conversion.blip2 import QFORMER_SKIP, hf_vision_rules, qformer_rules, vision_config_from_hf
 from jaxlisa.conversion.checkpoint_io import CheckpointError
-from jaxlisa.conversion.keymap import CONV, FLAT, LINEAR, LINEAR_IN2, Rule
+from jaxlisa.conversion.keymap import CONV, FLAT, LINEAR, LINEAR_IN2, Rule, linear_rules, norm_rules
 from jaxlisa.conversion.family import Family, any_key
 from jaxlisa.conversion.vision import POS_EMBED_RESIZE
-from jaxlisa.models import blip as blip_lib
 from jaxlisa.models.blip import BlipConfig, BlipForConditionalGeneration, blip_text_config
 from jaxlisa.models.eva import EVAViTConfig
 
@@ -68,11 +67,11 @@ def timm_vit_rules(c: EVAViTConfig, src: str = "visual_encoder.", dst: str = "vi
       Rule(L + "attn.qkv.bias", (d + "attn/q_bias", "", d + "attn/v_bias"), FLAT, split=(0, (w, w, w))),
       Rule(L + "attn.proj.weight", d + "attn/proj/kernel", LINEAR_IN2),
       Rule(L + "attn.proj.bias", d + "attn/proj/bias"),
-  ] + _ln(f"{src}norm", f"{dst}ln_vision")
+  ] + norm_rules(f"{src}norm", f"{dst}ln_vision")
   for n in ("norm1", "norm2"):
-    rules += _ln(L + n, d + n)
+    rules += norm_rules(L + n, d + n)
   for n in ("fc1", "fc2"):
-    rules += _dense(L + f"mlp.{n}", d + f"mlp/{n}")
+    rules += linear_rules(L + f"mlp.{n}", d + f"mlp/{n}")
   return rules
 
 
@@ -117,8 +116,8 @@ _SKIP = QFORMER_SKIP + (r"^text_decoder\.bert\.pooler\.",)
 FAMILIES = (
     Family(name="blip_hf", detect=_detect_hf, config_from_hf=lambda cfg, src: config_from_hf(cfg),
            config_cls=BlipConfig, rules=hf_rules, build=BlipForConditionalGeneration,
-           dummy_inputs=blip_lib.dummy_inputs, skip=_SKIP, export_rules=hf_rules, priority=5),
+           skip=_SKIP, export_rules=hf_rules, priority=5),
     Family(name="blip_lavis", detect=_detect_lavis, config_from_hf=lambda cfg, src: lavis_config(src),
            config_cls=BlipConfig, rules=lavis_rules, build=BlipForConditionalGeneration,
-           dummy_inputs=blip_lib.dummy_inputs, skip=_SKIP, export_rules=lavis_rules, priority=5),
+           skip=_SKIP, export_rules=lavis_rules, priority=5),
 )

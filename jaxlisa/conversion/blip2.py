@@ -30,24 +30,15 @@ from absl import logging
 
 from jaxlisa.conversion import llm as llm_conv
 from jaxlisa.conversion.checkpoint_io import CheckpointError
-from jaxlisa.conversion.keymap import CONV, FLAT, LINEAR, LINEAR_IN2, Rule
+from jaxlisa.conversion.keymap import CONV, FLAT, LINEAR, LINEAR_IN2, Rule, linear_rules, norm_rules
 from jaxlisa.conversion.family import Family, any_key
 from jaxlisa.conversion.vision import EVA_SKIP, POS_EMBED_RESIZE, eva_config_from_keys, eva_rules
-from jaxlisa.models import blip2 as blip2_lib
 from jaxlisa.models.blip2 import Blip2Config, Blip2OPT, Blip2Qformer
 from jaxlisa.models.eva import EVAViTConfig
 from jaxlisa.models.llm import DecoderConfig
 from jaxlisa.models.qformer import QFormerConfig
 
 QFORMER_SKIP = (r"(^|\.)position_ids$",)
-
-
-def _ln(src: str, dst: str) -> list[Rule]:
-  return [Rule(f"{src}.weight", f"{dst}/scale"), Rule(f"{src}.bias", f"{dst}/bias")]
-
-
-def _dense(src: str, dst: str, t=LINEAR) -> list[Rule]:
-  return [Rule(f"{src}.weight", f"{dst}/kernel", t), Rule(f"{src}.bias", f"{dst}/bias", FLAT)]
 
 
 def qformer_rules(c: QFormerConfig, src: str = "Qformer.", dst: str = "Qformer/", style: str = "lavis",
@@ -69,7 +60,7 @@ def qformer_rules(c: QFormerConfig, src: str = "Qformer.", dst: str = "Qformer/"
     ln_src = f"{src}layernorm"
   else:
     raise ValueError(f"unknown Q-Former naming style {style!r}")
-  rules = _ln(ln_src, f"{d}embeddings/LayerNorm")
+  rules = norm_rules(ln_src, f"{d}embeddings/LayerNorm")
   if c.use_text:
     rules += [Rule(f"{e}word_embeddings.weight", f"{d}embeddings/word_embeddings/embedding"),
               Rule(f"{e}position_embeddings.weight", f"{d}embeddings/position_embeddings/embedding")]
@@ -78,18 +69,18 @@ def qformer_rules(c: QFormerConfig, src: str = "Qformer.", dst: str = "Qformer/"
     blocks = ["attention"] + (["crossattention"] if c.has_cross_attention(i) else [])
     for blk in blocks:
       for n in ("query", "key", "value"):
-        rules += _dense(f"{s}{blk}.{selfattn}.{n}", f"{t}{blk}/self/{n}")
+        rules += linear_rules(f"{s}{blk}.{selfattn}.{n}", f"{t}{blk}/self/{n}")
       rules += [Rule(f"{s}{blk}.output.dense.weight", f"{t}{blk}/output/dense/kernel", LINEAR_IN2),
                 Rule(f"{s}{blk}.output.dense.bias", f"{t}{blk}/output/dense/bias")]
-      rules += _ln(f"{s}{blk}.output.LayerNorm", f"{t}{blk}/output/LayerNorm")
+      rules += norm_rules(f"{s}{blk}.output.LayerNorm", f"{t}{blk}/output/LayerNorm")
     for suffix in ("_query",) * query_ffn + ("",) * c.use_text:
-      rules += _dense(f"{s}intermediate{suffix}.dense", f"{t}intermediate{suffix}/dense")
-      rules += _dense(f"{s}output{suffix}.dense", f"{t}output{suffix}/dense")
-      rules += _ln(f"{s}output{suffix}.LayerNorm", f"{t}output{suffix}/LayerNorm")
+      rules += linear_rules(f"{s}intermediate{suffix}.dense", f"{t}intermediate{suffix}/dense")
+      rules += linear_rules(f"{s}output{suffix}.dense", f"{t}output{suffix}/dense")
+      rules += norm_rules(f"{s}output{suffix}.LayerNorm", f"{t}output{suffix}/LayerNorm")
   if c.lm_head:
     p, q = f"{src}cls.predictions.", f"{dst}cls/predictions/"
-    rules += _dense(f"{p}transform.dense", f"{q}transform/dense")
-    rules += _ln(f"{p}transform.LayerNorm", f"{q}transform/LayerNorm")
+    rules += linear_rules(f"{p}transform.dense", f"{q}transform/dense")
+    rules += norm_rules(f"{p}transform.LayerNorm", f"{q}transform/LayerNorm")
     rules += [Rule(f"{p}bias", f"{q}bias"),
               Rule(f"{p}decoder.bias", ()),  # the same tensor as `bias` (LAVIS ties them)
               Rule(f"{p}decoder.weight", () if c.tie_word_embeddings else f"{q}decoder/kernel", LINEAR)]
@@ -140,14 +131,10 @@ def hf_vision_rules(c: EVAViTConfig, src: str = "vision_model.", dst: str = "vis
     rules.append(Rule(L + "self_attn.qkv.bias", (d + "attn/q_bias", "", d + "attn/v_bias"), FLAT,
                       split=(0, (dim, dim, dim))))
   for hf_n, n in (("layer_norm1", "norm1"), ("layer_norm2", "norm2")):
-    rules += _ln(L + hf_n, d + n)
+    rules += norm_rules(L + hf_n, d + n)
   for n in ("fc1", "fc2"):
-    rules += _dense(L + f"mlp.{n}", d + f"mlp/{n}")
+    rules += linear_rules(L + f"mlp.{n}", d + f"mlp/{n}")
   return rules
-
-
-def _dense_plain(src: str, dst: str) -> list[Rule]:
-  return [Rule(f"{src}.weight", f"{dst}/kernel", LINEAR), Rule(f"{src}.bias", f"{dst}/bias")]
 
 
 # ----------------------------------------------------------------------------- HF configs
@@ -206,13 +193,13 @@ def hf_rules(c: Blip2Config, keys: Sequence[str] = ()) -> list[Rule]:
   rules.append(Rule("query_tokens", "query_tokens"))
   if c.text is not None:
     rules += qformer_rules(c.qformer.replace(use_text=False, lm_head=False), "qformer.", "Qformer/", style="hf")
-    rules += _dense_plain("language_projection", "opt_proj")
+    rules += linear_rules("language_projection", "opt_proj")
     rules += prefixed(llm_conv.opt_rules(c.text, "language_model.model.decoder."), "opt_model/")
     rules.append(Rule("language_model.lm_head.weight", ()))  # tied to embed_tokens
   else:
     rules += qformer_rules(c.qformer, "qformer.", "Qformer/", style="hf", embeddings_src="embeddings.")
-    rules += _dense_plain("vision_projection", "vision_proj") + _dense_plain("text_projection", "text_proj")
-    rules += _dense_plain("itm_head", "itm_head")
+    rules += linear_rules("vision_projection", "vision_proj") + linear_rules("text_projection", "text_proj")
+    rules += linear_rules("itm_head", "itm_head")
   return rules
 
 
@@ -309,13 +296,13 @@ def lavis_rules(c: Blip2Config, keys: Sequence[str] = ()) -> list[Rule]:
   rules.append(Rule("query_tokens", "query_tokens"))
   if c.text is None:
     rules += qformer_rules(c.qformer, "Qformer.", "Qformer/")
-    rules += _dense_plain("vision_proj", "vision_proj") + _dense_plain("text_proj", "text_proj")
-    rules += _dense_plain("itm_head", "itm_head")
+    rules += linear_rules("vision_proj", "vision_proj") + linear_rules("text_proj", "text_proj")
+    rules += linear_rules("itm_head", "itm_head")
     rules.append(Rule("temp", "temp" if c.learn_temp else ()))
   else:
     rules += qformer_rules(c.qformer, "Qformer.", "Qformer/")
     rules += dropped_qformer_text_rules("Qformer.", c.qformer.num_hidden_layers)
-    rules += _dense_plain("opt_proj", "opt_proj")
+    rules += linear_rules("opt_proj", "opt_proj")
     rules += prefixed(llm_conv.opt_rules(c.text, "opt_model.model.decoder."), "opt_model/")
     rules.append(Rule("opt_model.lm_head.weight", ()))
   return rules
@@ -348,17 +335,16 @@ def _detect_lavis(stage: int):
 FAMILIES = (
     Family(name="blip2_opt_hf", detect=_detect_hf(False),
            config_from_hf=lambda cfg, src: blip2_config_from_hf(cfg, src.keys()), config_cls=Blip2Config,
-           rules=hf_rules, build=_build, dummy_inputs=blip2_lib.dummy_inputs, skip=SKIP,
+           rules=hf_rules, build=_build, skip=SKIP,
            export_rules=hf_rules, priority=5),
     Family(name="blip2_retrieval_hf", detect=_detect_hf(True),
            config_from_hf=lambda cfg, src: blip2_config_from_hf(cfg, src.keys()), config_cls=Blip2Config,
-           rules=hf_rules, build=_build, dummy_inputs=blip2_lib.dummy_inputs, skip=SKIP,
+           rules=hf_rules, build=_build, skip=SKIP,
            export_rules=hf_rules, priority=5),
     Family(name="blip2_lavis", detect=_detect_lavis(1), config_from_hf=lambda cfg, src: lavis_config(src, 1),
-           config_cls=Blip2Config, rules=lavis_rules, build=_build, dummy_inputs=blip2_lib.dummy_inputs,
-           skip=SKIP, export_rules=lavis_rules, priority=5),
+           config_cls=Blip2Config, rules=lavis_rules, build=_build, skip=SKIP, export_rules=lavis_rules, priority=5),
     Family(name="blip2_opt_lavis", detect=_detect_lavis(2),
            config_from_hf=lambda cfg, src: lavis_config(src, 2), config_cls=Blip2Config, rules=lavis_rules,
-           build=_build, dummy_inputs=blip2_lib.dummy_inputs, skip=SKIP, export_rules=lavis_rules,
+           build=_build, skip=SKIP, export_rules=lavis_rules,
            priority=5),
 )

@@ -19,6 +19,7 @@ from typing import Iterator
 import ml_dtypes
 import numpy as np
 
+from jaxlisa.config import read_json
 from jaxlisa.conversion.errors import CheckpointError  # noqa: F401  (re-exported: most modules import it here)
 
 
@@ -125,14 +126,7 @@ def read_config_json(path: str) -> dict | None:
     from jaxlisa.conversion import gguf_io  # pylint: disable=import-outside-toplevel
     return gguf_io.gguf_config(path)
   d = path if os.path.isdir(path) else os.path.dirname(path)
-  f = os.path.join(d, "config.json")
-  if not os.path.exists(f):
-    return None
-  try:
-    with open(f) as fh:
-      return json.load(fh)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"cannot read {f}: {e}") from None
+  return read_json(os.path.join(d, "config.json"), CheckpointError)
 
 
 def _list_file(f: str, src: TensorSource):

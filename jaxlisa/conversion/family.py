@@ -26,7 +26,7 @@ class Family:
   config_from_hf(config_json | None, source) -> model config (a dataclass with to_dict/from_dict).
   config_cls: the model config class (to rebuild it from JSON).
   rules(model_config, keys) -> key map; export_rules(model_config) -> key map for export (HF names).
-  build(model_config) -> linen module; dummy_inputs(model_config) -> args for module.init.
+  build(model_config) -> linen module (initialised on model_config.dummy_inputs()).
   skip: regexes of source keys that are known buffers; keep_fp32: param paths kept in fp32.
   verify: optional (src_dir, module, params, model_config) -> max abs logit diff vs PyTorch.
   open_source: optional (src) -> TensorSource, for a family whose tensors are not all under src
@@ -38,7 +38,6 @@ class Family:
   config_cls: type
   rules: Callable[[Any, Sequence[str]], Sequence[Rule]]
   build: Callable[[Any], nn.Module]
-  dummy_inputs: Callable[[Any], tuple]
   skip: tuple[str, ...] = ()
   keep_fp32: tuple[str, ...] = ()
   export_rules: Callable[[Any], Sequence[Rule]] | None = None
@@ -65,7 +64,7 @@ def np_dtype(name: str):
 def abstract_params(family: Family, model_config) -> dict:
   """Shapes of the model's parameters, without allocating them."""
   module = family.build(model_config)
-  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *family.dummy_inputs(model_config)))
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *model_config.dummy_inputs()))
   return nn.meta.unbox(shapes["params"])
 
 

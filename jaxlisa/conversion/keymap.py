@@ -101,6 +101,17 @@ class Rule:
     return (self.dst,) if isinstance(self.dst, str) else tuple(self.dst)
 
 
+def linear_rules(src: str, dst: str, t: Transform = LINEAR) -> list[Rule]:
+  """A torch Linear (`{src}.weight` [out, in], `{src}.bias`) -> a DenseGeneral (`{dst}/kernel` by `t`,
+  `{dst}/bias` in whatever feature shape the module has: [D], or [N, H] for attention projections)."""
+  return [Rule(f"{src}.weight", f"{dst}/kernel", t), Rule(f"{src}.bias", f"{dst}/bias", FLAT)]
+
+
+def norm_rules(src: str, dst: str) -> list[Rule]:
+  """A torch LayerNorm (`{src}.weight`, `{src}.bias`) -> `{dst}/scale`, `{dst}/bias`."""
+  return [Rule(f"{src}.weight", f"{dst}/scale"), Rule(f"{src}.bias", f"{dst}/bias")]
+
+
 def resolve_dst(template: str, fields: Mapping[str, str], scan: bool) -> tuple[Path, tuple[int, ...]]:
   """Destination template -> (param path, stack indices). See module docstring."""
   path: list[str] = []

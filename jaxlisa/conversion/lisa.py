@@ -44,7 +44,6 @@ from jaxlisa.conversion.keymap import FLAT, LINEAR, Rule, convert_state, export_
 from jaxlisa.conversion.weight_check import WeightCheck
 from jaxlisa.data.conversation import (DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_SEG_TOKEN,
                                        IMAGE_TOKEN_INDEX)
-from jaxlisa.models import lisa as lisa_lib
 from jaxlisa.models.lisa import Lisa, LisaConfig
 from jaxlisa.models.lora import merge_lora
 from jaxlisa.models.llava import LlavaConfig
@@ -359,7 +358,7 @@ def check_tree(params: dict, config: LisaConfig) -> None:
 
 # ----------------------------------------------------------------------------- registration
 LISA_FAMILY = Family(name="lisa", detect=_detect, config_from_hf=_config, config_cls=LisaConfig, rules=_rules,
-                     build=Lisa, dummy_inputs=lisa_lib.dummy_inputs, skip=SKIP, keep_fp32=KEEP_FP32,
+                     build=Lisa, skip=SKIP, keep_fp32=KEEP_FP32,
                      export_rules=lambda c, keys=(): lisa_rules(c, export=True), priority=6,
                      open_source=open_lisa)
 FAMILIES = (LISA_FAMILY,)

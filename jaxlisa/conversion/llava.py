@@ -341,7 +341,7 @@ def convert_llava(src: str, clip: str | None = None, family: str | None = None, 
 
 
 # ----------------------------------------------------------------------------- registration
-_COMMON = dict(config_cls=LlavaConfig, build=Llava, dummy_inputs=llava_lib.dummy_inputs, skip=SKIP)
+_COMMON = dict(config_cls=LlavaConfig, build=Llava, skip=SKIP)
 FAMILIES = (
     Family(name="llava_hf", detect=_hf_detect("llava"), config_from_hf=_hf_config, rules=hf_rules,
            export_rules=lambda c, keys=(): hf_rules(c, (), export=True), priority=1, **_COMMON),

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import jax.numpy as jnp
-
 from jaxlisa.conversion.checkpoint_io import CheckpointError
-from jaxlisa.conversion.keymap import FLAT, IDENTITY, LINEAR, LINEAR_IN2, Rule, linear
+from jaxlisa.conversion.keymap import FLAT, IDENTITY, LINEAR, LINEAR_IN2, Rule, linear, linear_rules
 from jaxlisa.conversion.family import Family, any_key
 from jaxlisa.models.llm import DecoderConfig, DecoderLM
 
@@ -119,11 +117,9 @@ def llama_rules(c: DecoderConfig, prefix: str = "model.", head: str = "lm_head."
       Rule(L + "self_attn.o_proj.bias", d + "self_attn/o_proj/bias"),
   ]
   for n in ("q_proj", "k_proj", "v_proj"):
-    rules += [Rule(L + f"self_attn.{n}.weight", d + f"self_attn/{n}/kernel", LINEAR),
-              Rule(L + f"self_attn.{n}.bias", d + f"self_attn/{n}/bias", FLAT)]
+    rules += linear_rules(L + f"self_attn.{n}", d + f"self_attn/{n}")
   for n in ("gate_proj", "up_proj", "down_proj"):
-    rules += [Rule(L + f"mlp.{n}.weight", d + f"mlp/{n}/kernel", LINEAR),
-              Rule(L + f"mlp.{n}.bias", d + f"mlp/{n}/bias")]
+    rules += linear_rules(L + f"mlp.{n}", d + f"mlp/{n}")
   rules.append(Rule(f"{head}weight", () if c.tie_word_embeddings else "lm_head/kernel", LINEAR))
   return rules
 
@@ -146,11 +142,9 @@ def opt_rules(c: DecoderConfig, prefix: str = "model.decoder.") -> list[Rule]:
       Rule(L + "self_attn.out_proj.bias", d + "self_attn/o_proj/bias"),
   ]
   for n in ("q_proj", "k_proj", "v_proj"):
-    rules += [Rule(L + f"self_attn.{n}.weight", d + f"self_attn/{n}/kernel", LINEAR),
-              Rule(L + f"self_attn.{n}.bias", d + f"self_attn/{n}/bias", FLAT)]
+    rules += linear_rules(L + f"self_attn.{n}", d + f"self_attn/{n}")
   for n in ("fc1", "fc2"):
-    rules += [Rule(L + f"{n}.weight", d + f"mlp/{n}/kernel", LINEAR),
-              Rule(L + f"{n}.bias", d + f"mlp/{n}/bias")]
+    rules += linear_rules(L + n, d + f"mlp/{n}")
   rules.append(Rule("lm_head.weight", ()))  # tied to embed_tokens
   return rules
 
@@ -206,11 +200,6 @@ def _detect(family: str):
   return detect
 
 
-def dummy_inputs(c: DecoderConfig):
-  del c
-  return (jnp.zeros((1, 2), jnp.int32),)
-
-
 def _config(fam):
   def make(cfg, src):
     if cfg is not None:
@@ -222,7 +211,7 @@ def _config(fam):
 
 
 FAMILIES = tuple(Family(name=fam, detect=_detect(fam), config_from_hf=_config(fam), config_cls=DecoderConfig,
-                        rules=rules_for, build=DecoderLM, dummy_inputs=dummy_inputs, skip=BUFFERS,
+                        rules=rules_for, build=DecoderLM, skip=BUFFERS,
                         export_rules=rules_for)
                  for fam in ("llama", "mistral", "qwen2", "qwen", "opt"))
 

@@ -47,7 +47,6 @@ def load_lisa(path: str, clip_src: str | None = None, seg_token_idx: int | None 
   return convert.Pretrained(Lisa(conv.config), conv.params, conv.config, "lisa", tok)
 
 
-
 def _load_tokenizer(tokenizer):
   if not isinstance(tokenizer, str):
     return tokenizer
@@ -55,7 +54,6 @@ def _load_tokenizer(tokenizer):
   if tok is None:
     raise CheckpointError(f"no tokenizer files (tokenizer.json / tokenizer.model) in {tokenizer}")
   return tok
-
 
 
 def compose_lisa(llm_or_llava_src: str, clip_src: str | None, sam_pth: str, tokenizer, *,

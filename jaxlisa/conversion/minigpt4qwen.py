@@ -16,10 +16,10 @@ import re
 from typing import Sequence
 
 from jaxlisa.conversion import llm as llm_conv
-from jaxlisa.conversion.blip2 import (SKIP, _dense_plain, _extra_blocks, dropped_qformer_text_rules,
+from jaxlisa.conversion.blip2 import (SKIP, _extra_blocks, dropped_qformer_text_rules,
                                       lavis_qformer_config, lavis_vision_config, prefixed, qformer_rules)
 from jaxlisa.conversion.family import Family, any_key
-from jaxlisa.conversion.keymap import Rule
+from jaxlisa.conversion.keymap import Rule, linear_rules
 from jaxlisa.conversion.vision import eva_rules
 from jaxlisa.models import minigpt4qwen as m4q_lib
 from jaxlisa.models.llm import DecoderConfig
@@ -66,7 +66,7 @@ def m4q_rules(c: m4q_lib.MiniGPT4QwenConfig, keys: Sequence[str] = ()) -> list[R
   rules.append(Rule("query_tokens", "query_tokens"))
   rules += qformer_rules(c.qformer, "Qformer.", "Qformer/")
   rules += dropped_qformer_text_rules("Qformer.", c.qformer.num_hidden_layers)
-  rules += _dense_plain("llm_proj", "llm_proj")
+  rules += linear_rules("llm_proj", "llm_proj")
   llm = llm_conv.qwen1_rules(c.llm) if c.llm.family == "qwen" else llm_conv.llama_rules(c.llm, "model.")
   rules += prefixed(_src_prefixed(llm, "llm_model."), "llm_model/")
   return rules
@@ -80,5 +80,5 @@ def _detect_m4q(cfg, keys) -> bool:
 FAMILIES = (
     Family(name="minigpt4qwen", detect=_detect_m4q, config_from_hf=lambda cfg, src: m4q_config(src),
            config_cls=m4q_lib.MiniGPT4QwenConfig, rules=m4q_rules, build=m4q_lib.MiniGPT4Qwen,
-           dummy_inputs=m4q_lib.dummy_inputs, skip=SKIP, export_rules=m4q_rules, priority=5),
+           skip=SKIP, export_rules=m4q_rules, priority=5),
 )

@@ -17,11 +17,10 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-import jax.numpy as jnp
 from absl import logging
 
 from jaxlisa.conversion.checkpoint_io import CheckpointError
-from jaxlisa.conversion.keymap import CONV, CONV_TRANSPOSE, FLAT, LINEAR, LINEAR_IN2, Rule
+from jaxlisa.conversion.keymap import CONV, CONV_TRANSPOSE, FLAT, LINEAR, LINEAR_IN2, Rule, linear_rules, norm_rules
 from jaxlisa.conversion.family import Family, any_key
 from jaxlisa.models.sam import Sam, SamConfig
 
@@ -33,19 +32,11 @@ _HF_ANCHOR = "vision_encoder.patch_embed.projection.weight"
 _KNOWN_HEADS = {768: 12, 1024: 16, 1280: 16}
 
 
-def _linear(src: str, dst: str) -> list[Rule]:
-  return [Rule(f"{src}.weight", f"{dst}/kernel", LINEAR), Rule(f"{src}.bias", f"{dst}/bias", FLAT)]
-
-
 def _attn(src: str, dst: str) -> list[Rule]:
   """q/k/v/out projections of a mask-decoder Attention (kernels [C, N, Dh] and [N, Dh, C])."""
-  rules = [r for n in ("q_proj", "k_proj", "v_proj") for r in _linear(f"{src}.{n}", f"{dst}/{n}")]
+  rules = [r for n in ("q_proj", "k_proj", "v_proj") for r in linear_rules(f"{src}.{n}", f"{dst}/{n}")]
   return rules + [Rule(f"{src}.out_proj.weight", f"{dst}/out_proj/kernel", LINEAR_IN2),
                   Rule(f"{src}.out_proj.bias", f"{dst}/out_proj/bias")]
-
-
-def _norm(src: str, dst: str) -> list[Rule]:
-  return [Rule(f"{src}.weight", f"{dst}/scale"), Rule(f"{src}.bias", f"{dst}/bias")]
 
 
 def _conv(src: str, dst: str, bias: bool = True, t=CONV) -> list[Rule]:
@@ -60,7 +51,7 @@ def _block_common(src: str, dst: str) -> list[Rule]:
           Rule(f"{src}.attn.proj.bias", f"{dst}/attn/proj/bias"),
           Rule(f"{src}.attn.rel_pos_h", f"{dst}/attn/rel_pos_h"),
           Rule(f"{src}.attn.rel_pos_w", f"{dst}/attn/rel_pos_w"),
-          *_linear(f"{src}.mlp.lin1", f"{dst}/mlp/lin1"), *_linear(f"{src}.mlp.lin2", f"{dst}/mlp/lin2")]
+          *linear_rules(f"{src}.mlp.lin1", f"{dst}/mlp/lin1"), *linear_rules(f"{src}.mlp.lin2", f"{dst}/mlp/lin2")]
 
 
 def sam_rules(c: SamConfig | None = None, prefix: str = "", dst_prefix: str = "") -> list[Rule]:
@@ -74,35 +65,35 @@ def sam_rules(c: SamConfig | None = None, prefix: str = "", dst_prefix: str = ""
   rules = [
       *_conv(f"{ie}.patch_embed.proj", f"{die}/patch_embed/proj"),
       Rule(f"{ie}.pos_embed", f"{die}/pos_embed"),
-      *_norm(f"{blk}.norm1", f"{dblk}/norm1"), *_norm(f"{blk}.norm2", f"{dblk}/norm2"),
+      *norm_rules(f"{blk}.norm1", f"{dblk}/norm1"), *norm_rules(f"{blk}.norm2", f"{dblk}/norm2"),
       *_block_common(blk, dblk),
-      *_conv(f"{ie}.neck.0", f"{die}/neck_0", bias=False), *_norm(f"{ie}.neck.1", f"{die}/neck_1"),
-      *_conv(f"{ie}.neck.2", f"{die}/neck_2", bias=False), *_norm(f"{ie}.neck.3", f"{die}/neck_3"),
+      *_conv(f"{ie}.neck.0", f"{die}/neck_0", bias=False), *norm_rules(f"{ie}.neck.1", f"{die}/neck_1"),
+      *_conv(f"{ie}.neck.2", f"{die}/neck_2", bias=False), *norm_rules(f"{ie}.neck.3", f"{die}/neck_3"),
       Rule(f"{pe}.pe_layer.positional_encoding_gaussian_matrix",
            f"{dpe}/pe_layer/positional_encoding_gaussian_matrix"),
       Rule(f"{pe}.point_embeddings.{{i}}.weight", f"{dpe}/point_embeddings_{{i}}/embedding"),
       Rule(f"{pe}.not_a_point_embed.weight", f"{dpe}/not_a_point_embed/embedding"),
       Rule(f"{pe}.no_mask_embed.weight", f"{dpe}/no_mask_embed/embedding"),
       *_conv(f"{pe}.mask_downscaling.0", f"{dpe}/mask_downscaling_0"),
-      *_norm(f"{pe}.mask_downscaling.1", f"{dpe}/mask_downscaling_1"),
+      *norm_rules(f"{pe}.mask_downscaling.1", f"{dpe}/mask_downscaling_1"),
       *_conv(f"{pe}.mask_downscaling.3", f"{dpe}/mask_downscaling_3"),
-      *_norm(f"{pe}.mask_downscaling.4", f"{dpe}/mask_downscaling_4"),
+      *norm_rules(f"{pe}.mask_downscaling.4", f"{dpe}/mask_downscaling_4"),
       *_conv(f"{pe}.mask_downscaling.6", f"{dpe}/mask_downscaling_6"),
       Rule(f"{md}.iou_token.weight", f"{dmd}/iou_token/embedding"),
       Rule(f"{md}.mask_tokens.weight", f"{dmd}/mask_tokens/embedding"),
       *_attn(f"{tl}.self_attn", f"{dtl}/self_attn"),
       *_attn(f"{tl}.cross_attn_token_to_image", f"{dtl}/cross_attn_token_to_image"),
       *_attn(f"{tl}.cross_attn_image_to_token", f"{dtl}/cross_attn_image_to_token"),
-      *[r for k in (1, 2, 3, 4) for r in _norm(f"{tl}.norm{k}", f"{dtl}/norm{k}")],
-      *_linear(f"{tl}.mlp.lin1", f"{dtl}/mlp/lin1"), *_linear(f"{tl}.mlp.lin2", f"{dtl}/mlp/lin2"),
+      *[r for k in (1, 2, 3, 4) for r in norm_rules(f"{tl}.norm{k}", f"{dtl}/norm{k}")],
+      *linear_rules(f"{tl}.mlp.lin1", f"{dtl}/mlp/lin1"), *linear_rules(f"{tl}.mlp.lin2", f"{dtl}/mlp/lin2"),
       *_attn(f"{md}.transformer.final_attn_token_to_image", f"{dmd}/transformer/final_attn_token_to_image"),
-      *_norm(f"{md}.transformer.norm_final_attn", f"{dmd}/transformer/norm_final_attn"),
+      *norm_rules(f"{md}.transformer.norm_final_attn", f"{dmd}/transformer/norm_final_attn"),
       *_conv(f"{md}.output_upscaling.0", f"{dmd}/output_upscaling_0", t=CONV_TRANSPOSE),
-      *_norm(f"{md}.output_upscaling.1", f"{dmd}/output_upscaling_1"),
+      *norm_rules(f"{md}.output_upscaling.1", f"{dmd}/output_upscaling_1"),
       *_conv(f"{md}.output_upscaling.3", f"{dmd}/output_upscaling_3", t=CONV_TRANSPOSE),
-      *_linear(f"{md}.output_hypernetworks_mlps.{{m}}.layers.{{j}}",
+      *linear_rules(f"{md}.output_hypernetworks_mlps.{{m}}.layers.{{j}}",
                f"{dmd}/output_hypernetworks_mlps_{{m}}/layers_{{j}}"),
-      *_linear(f"{md}.iou_prediction_head.layers.{{j}}", f"{dmd}/iou_prediction_head/layers_{{j}}"),
+      *linear_rules(f"{md}.iou_prediction_head.layers.{{j}}", f"{dmd}/iou_prediction_head/layers_{{j}}"),
   ]
   return rules
 
@@ -117,18 +108,18 @@ def hf_rules(c: SamConfig, prefix: str = "", dst_prefix: str = "") -> list[Rule]
   gauss = f"{dpe}/pe_layer/positional_encoding_gaussian_matrix"
 
   def feed_forward(src: str, dst: str, depth: int) -> list[Rule]:
-    out = _linear(f"{src}.proj_in", f"{dst}/layers_0") + _linear(f"{src}.proj_out", f"{dst}/layers_{depth - 1}")
+    out = linear_rules(f"{src}.proj_in", f"{dst}/layers_0") + linear_rules(f"{src}.proj_out", f"{dst}/layers_{depth - 1}")
     for j in range(depth - 2):
-      out += _linear(f"{src}.layers.{j}", f"{dst}/layers_{j + 1}")
+      out += linear_rules(f"{src}.layers.{j}", f"{dst}/layers_{j + 1}")
     return out
 
   rules = [
       *_conv(f"{ve}.patch_embed.projection", f"{die}/patch_embed/proj"),
       Rule(f"{ve}.pos_embed", f"{die}/pos_embed"),
-      *_norm(f"{blk}.layer_norm1", f"{dblk}/norm1"), *_norm(f"{blk}.layer_norm2", f"{dblk}/norm2"),
+      *norm_rules(f"{blk}.layer_norm1", f"{dblk}/norm1"), *norm_rules(f"{blk}.layer_norm2", f"{dblk}/norm2"),
       *_block_common(blk, dblk),
-      *_conv(f"{ve}.neck.conv1", f"{die}/neck_0", bias=False), *_norm(f"{ve}.neck.layer_norm1", f"{die}/neck_1"),
-      *_conv(f"{ve}.neck.conv2", f"{die}/neck_2", bias=False), *_norm(f"{ve}.neck.layer_norm2", f"{die}/neck_3"),
+      *_conv(f"{ve}.neck.conv1", f"{die}/neck_0", bias=False), *norm_rules(f"{ve}.neck.layer_norm1", f"{die}/neck_1"),
+      *_conv(f"{ve}.neck.conv2", f"{die}/neck_2", bias=False), *norm_rules(f"{ve}.neck.layer_norm2", f"{die}/neck_3"),
       # Tied in SamModel: the saved file may hold either name, or both.
       Rule(f"{prefix}shared_image_embedding.positional_embedding", gauss),
       Rule(f"{pe}.shared_embedding.positional_embedding", gauss),
@@ -136,21 +127,21 @@ def hf_rules(c: SamConfig, prefix: str = "", dst_prefix: str = "") -> list[Rule]
       Rule(f"{pe}.not_a_point_embed.weight", f"{dpe}/not_a_point_embed/embedding"),
       Rule(f"{pe}.no_mask_embed.weight", f"{dpe}/no_mask_embed/embedding"),
       *_conv(f"{pe}.mask_embed.conv1", f"{dpe}/mask_downscaling_0"),
-      *_norm(f"{pe}.mask_embed.layer_norm1", f"{dpe}/mask_downscaling_1"),
+      *norm_rules(f"{pe}.mask_embed.layer_norm1", f"{dpe}/mask_downscaling_1"),
       *_conv(f"{pe}.mask_embed.conv2", f"{dpe}/mask_downscaling_3"),
-      *_norm(f"{pe}.mask_embed.layer_norm2", f"{dpe}/mask_downscaling_4"),
+      *norm_rules(f"{pe}.mask_embed.layer_norm2", f"{dpe}/mask_downscaling_4"),
       *_conv(f"{pe}.mask_embed.conv3", f"{dpe}/mask_downscaling_6"),
       Rule(f"{md}.iou_token.weight", f"{dmd}/iou_token/embedding"),
       Rule(f"{md}.mask_tokens.weight", f"{dmd}/mask_tokens/embedding"),
       *_attn(f"{tl}.self_attn", f"{dtl}/self_attn"),
       *_attn(f"{tl}.cross_attn_token_to_image", f"{dtl}/cross_attn_token_to_image"),
       *_attn(f"{tl}.cross_attn_image_to_token", f"{dtl}/cross_attn_image_to_token"),
-      *[r for k in (1, 2, 3, 4) for r in _norm(f"{tl}.layer_norm{k}", f"{dtl}/norm{k}")],
-      *_linear(f"{tl}.mlp.lin1", f"{dtl}/mlp/lin1"), *_linear(f"{tl}.mlp.lin2", f"{dtl}/mlp/lin2"),
+      *[r for k in (1, 2, 3, 4) for r in norm_rules(f"{tl}.layer_norm{k}", f"{dtl}/norm{k}")],
+      *linear_rules(f"{tl}.mlp.lin1", f"{dtl}/mlp/lin1"), *linear_rules(f"{tl}.mlp.lin2", f"{dtl}/mlp/lin2"),
       *_attn(f"{md}.transformer.final_attn_token_to_image", f"{dmd}/transformer/final_attn_token_to_image"),
-      *_norm(f"{md}.transformer.layer_norm_final_attn", f"{dmd}/transformer/norm_final_attn"),
+      *norm_rules(f"{md}.transformer.layer_norm_final_attn", f"{dmd}/transformer/norm_final_attn"),
       *_conv(f"{md}.upscale_conv1", f"{dmd}/output_upscaling_0", t=CONV_TRANSPOSE),
-      *_norm(f"{md}.upscale_layer_norm", f"{dmd}/output_upscaling_1"),
+      *norm_rules(f"{md}.upscale_layer_norm", f"{dmd}/output_upscaling_1"),
       *_conv(f"{md}.upscale_conv2", f"{dmd}/output_upscaling_3", t=CONV_TRANSPOSE),
       *feed_forward(f"{md}.iou_prediction_head", f"{dmd}/iou_prediction_head", c.iou_head_depth),
   ]
@@ -306,19 +297,15 @@ def _hf_rules(c: SamConfig, keys: Sequence[str] = ()) -> list[Rule]:
   return hf_rules(c, find_prefix(keys, _HF_ANCHOR) if keys else "")
 
 
-def dummy_inputs(c: SamConfig):
-  return (jnp.zeros((1, c.img_size, c.img_size, c.in_chans), jnp.float32),)
-
-
 FAMILIES = (
     Family(name="sam", detect=_detect_sam, config_from_hf=_sam_config, config_cls=SamConfig,
-           rules=_sam_rules, build=Sam, dummy_inputs=dummy_inputs, skip=BUFFERS,
+           rules=_sam_rules, build=Sam, skip=BUFFERS,
            keep_fp32=(r"positional_encoding_gaussian_matrix$",),
            export_rules=lambda c, keys=(): sam_rules(c)),
     Family(name="sam_hf", detect=_detect_hf, config_from_hf=_hf_config, config_cls=SamConfig,
-           rules=_hf_rules, build=Sam, dummy_inputs=dummy_inputs, skip=BUFFERS,
+           rules=_hf_rules, build=Sam, skip=BUFFERS,
            keep_fp32=(r"positional_encoding_gaussian_matrix$",),
            export_rules=lambda c, keys=(): hf_export_rules(c)),
 )
 
-__all__ = ["sam_rules", "hf_rules", "infer_config", "config_from_hf", "find_prefix", "dummy_inputs"]
+__all__ = ["sam_rules", "hf_rules", "infer_config", "config_from_hf", "find_prefix"]

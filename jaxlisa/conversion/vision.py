@@ -22,10 +22,9 @@ from absl import logging
 import numpy as np
 
 from jaxlisa.conversion.checkpoint_io import CheckpointError
-from jaxlisa.conversion.keymap import CONV, FLAT, LINEAR, LINEAR_IN2, Rule, Transform
+from jaxlisa.conversion.keymap import CONV, FLAT, LINEAR, LINEAR_IN2, Rule, Transform, linear_rules, norm_rules
 from jaxlisa.conversion.family import Family, any_key
 from jaxlisa.models import clip as clip_lib
-from jaxlisa.models import eva as eva_lib
 from jaxlisa.models.clip import CLIPVisionConfig, CLIPVisionModel
 from jaxlisa.models.eva import EVAViTConfig, EVAVisionTransformer
 
@@ -74,15 +73,13 @@ def clip_vision_rules(c: CLIPVisionConfig | None = None, prefix: str = "vision_m
       Rule(L + "self_attn.out_proj.bias", d + "self_attn/out_proj/bias"),
   ]
   for n in ("pre_layrnorm", "post_layernorm"):
-    rules += [Rule(f"{prefix}{n}.weight", f"{n}/scale"), Rule(f"{prefix}{n}.bias", f"{n}/bias")]
+    rules += norm_rules(prefix + n, n)
   for n in ("layer_norm1", "layer_norm2"):
-    rules += [Rule(L + f"{n}.weight", d + f"{n}/scale"), Rule(L + f"{n}.bias", d + f"{n}/bias")]
+    rules += norm_rules(L + n, d + n)
   for n in ("q_proj", "k_proj", "v_proj"):
-    rules += [Rule(L + f"self_attn.{n}.weight", d + f"self_attn/{n}/kernel", LINEAR),
-              Rule(L + f"self_attn.{n}.bias", d + f"self_attn/{n}/bias", FLAT)]
+    rules += linear_rules(L + f"self_attn.{n}", d + f"self_attn/{n}")
   for n in ("fc1", "fc2"):
-    rules += [Rule(L + f"mlp.{n}.weight", d + f"mlp/{n}/kernel", LINEAR),
-              Rule(L + f"mlp.{n}.bias", d + f"mlp/{n}/bias")]
+    rules += linear_rules(L + f"mlp.{n}", d + f"mlp/{n}")
   return rules
 
 
@@ -118,7 +115,7 @@ def _clip_config(cfg, src) -> CLIPVisionConfig:
 CLIP_FAMILIES = (
     Family(name="clip_vision", detect=_clip_detect, config_from_hf=_clip_config,
            config_cls=CLIPVisionConfig, rules=_clip_rules, build=CLIPVisionModel,
-           dummy_inputs=clip_lib.dummy_inputs, skip=CLIP_SKIP,
+           skip=CLIP_SKIP,
            export_rules=lambda c, keys=(): clip_vision_rules(c, "vision_model.")),
 )
 
@@ -161,10 +158,9 @@ def eva_rules(c: EVAViTConfig | None = None, prefix: str = "visual_encoder.",
       Rule(f"{ln_prefix}bias", "ln_vision/bias"),
   ]
   for n in ("norm1", "norm2"):
-    rules += [Rule(L + f"{n}.weight", d + f"{n}/scale"), Rule(L + f"{n}.bias", d + f"{n}/bias")]
+    rules += norm_rules(L + n, d + n)
   for n in ("fc1", "fc2"):
-    rules += [Rule(L + f"mlp.{n}.weight", d + f"mlp/{n}/kernel", LINEAR),
-              Rule(L + f"mlp.{n}.bias", d + f"mlp/{n}/bias")]
+    rules += linear_rules(L + f"mlp.{n}", d + f"mlp/{n}")
   return rules
 
 
@@ -211,7 +207,7 @@ def eva_config_from_keys(src) -> EVAViTConfig:
 EVA_FAMILIES = (
     Family(name="eva_vit", detect=_eva_detect, config_from_hf=lambda cfg, src: eva_config_from_keys(src),
            config_cls=EVAViTConfig, rules=_eva_rules, build=EVAVisionTransformer,
-           dummy_inputs=eva_lib.dummy_inputs, skip=EVA_SKIP,
+           skip=EVA_SKIP,
            export_rules=lambda c, keys=(): eva_rules(c, "visual_encoder.")),
 )
 FAMILIES = CLIP_FAMILIES + EVA_FAMILIES

@@ -158,16 +158,3 @@ def train_chatml_tokenizer(texts: Sequence[str], vocab_size: int = 600, model_ma
   if len(tok("\n").input_ids) != 1:
     raise ValueError("the ChatML tokenizer must encode '\\n' as one token")
   return tok
-
-
-def load_or_train(directory: str, train_fn, texts: Sequence[str], **kw):
-  """The tokenizer saved in `directory` (a resumed run), else train_fn(texts, **kw) saved there."""
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
-  if os.path.exists(os.path.join(directory, "tokenizer.json")):
-    from jaxlisa.data.tokenization import load_saved_tokenizer  # pylint: disable=import-outside-toplevel
-    return load_saved_tokenizer(directory)
-  tok = train_fn(texts, **kw)
-  from jaxlisa.data.tokenization import save_tokenizer  # pylint: disable=import-outside-toplevel
-  save_tokenizer(tok, directory)
-  logging.info("trained a %d-token tokenizer, saved to %s", len(tok), directory)
-  return tok

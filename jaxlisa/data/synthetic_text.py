@@ -9,7 +9,6 @@ so a model that learns to attend and copy drives its loss towards zero. Document
 
 from __future__ import annotations
 
-import os
 from typing import Iterator, Sequence
 
 import grain
@@ -65,16 +64,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
 
 def load_or_train_tokenizer(directory: str | None, texts: Sequence[str], vocab_size: int):
   """Reuse the tokenizer saved in `directory` (a resumed run), else train one and save it there."""
-  from transformers import PreTrainedTokenizerFast  # pylint: disable=import-outside-toplevel
-  if directory and os.path.exists(os.path.join(directory, "tokenizer.json")):
-    from jaxlisa.data.tokenization import load_saved_tokenizer  # pylint: disable=import-outside-toplevel
-    return load_saved_tokenizer(directory)
-  tok = train_tokenizer(texts, vocab_size)
-  if directory:
-    from jaxlisa.data.tokenization import save_tokenizer  # pylint: disable=import-outside-toplevel
-    save_tokenizer(tok, directory)
-    logging.info("trained a %d-token tokenizer, saved to %s", len(tok), directory)
-  return tok
+  from jaxlisa.data.tokenization import load_or_train  # pylint: disable=import-outside-toplevel
+  return load_or_train(directory, train_tokenizer, texts, vocab_size=vocab_size)
 
 
 def tokenize(tok, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:

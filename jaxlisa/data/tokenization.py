@@ -31,6 +31,20 @@ class TokenizerFileError(ValueError):
   """A saved tokenizer that cannot be read (a torn or hand-edited tokenizer.json)."""
 
 
+def load_or_train(directory: str | None, train_fn: Callable, texts: Sequence[str], **kw):
+  """The tokenizer saved in `directory` (a resumed run), else train_fn(texts, **kw), saved there
+  atomically by save_tokenizer (directory None: trained, not saved). Every synthetic-data
+  tokenizer goes through here."""
+  import os  # pylint: disable=import-outside-toplevel
+  if directory and os.path.exists(os.path.join(directory, "tokenizer.json")):
+    return load_saved_tokenizer(directory)
+  tok = train_fn(texts, **kw)
+  if directory:
+    save_tokenizer(tok, directory)
+    logging.info("trained a %d-token tokenizer, saved to %s", len(tok), directory)
+  return tok
+
+
 def load_saved_tokenizer(directory: str):
   """PreTrainedTokenizerFast.from_pretrained(directory); a corrupt file gives TokenizerFileError
   naming it (one line) instead of the JSON/Rust parser's traceback."""

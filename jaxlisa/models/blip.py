@@ -62,7 +62,10 @@ class BlipConfig(ConfigMixin):
   def scan_layers(self) -> bool:
     return self.vision.scan_layers
 
-
+  def dummy_inputs(self) -> tuple:
+    """(pixels [1, S, S, C], input_ids [1, 4])."""
+    v = self.vision
+    return (jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32), jnp.zeros((1, 4), jnp.int32))
 
 
 @flax.struct.dataclass
@@ -199,8 +202,3 @@ def init_cache(c: QFormerConfig, batch: int, length: int, dtype=None) -> dict:
   shape = (c.num_hidden_layers, batch, length, c.num_attention_heads, c.head_dim)
   dt = jnp.dtype(dtype or c.dtype)
   return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
-
-
-def dummy_inputs(c: BlipConfig):
-  v = c.vision
-  return (jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32), jnp.zeros((1, 4), jnp.int32))

@@ -79,6 +79,12 @@ class Blip2Config(ConfigMixin):
       raise ValueError("vision and text towers must agree on scan_layers")
     return self.vision.scan_layers
 
+  def dummy_inputs(self) -> tuple:
+    """(pixels [1, S, S, C], input_ids [1, 4], attention_mask [1, 4])."""
+    v = self.vision
+    return (jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32), jnp.zeros((1, 4), jnp.int32),
+            jnp.ones((1, 4), jnp.int32))
+
 
 @flax.struct.dataclass
 class Blip2Stage1Output:
@@ -107,7 +113,6 @@ class Blip2Features:
 class Blip2OPTOutput:
   logits: jax.Array  # [B, Q + T, V]
   loss: jax.Array | None = None
-
 
 
 def normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -339,9 +344,3 @@ def opt_targets(input_ids: jax.Array, attention_mask: jax.Array, prompt_length: 
   """LAVIS blip2_opt targets: padding and the first `prompt_length` tokens (BOS + prompt) -> -100."""
   t = jnp.where(attention_mask.astype(bool), input_ids, IGNORE_INDEX)
   return jnp.where(jnp.arange(input_ids.shape[1])[None] < prompt_length, IGNORE_INDEX, t)
-
-
-def dummy_inputs(c: Blip2Config):
-  v = c.vision
-  return (jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32), jnp.zeros((1, 4), jnp.int32),
-          jnp.ones((1, 4), jnp.int32))

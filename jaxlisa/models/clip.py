@@ -27,12 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlisa.models.config_base import ConfigMixin
+from jaxlisa.models.config_base import VisionTowerConfig
 from jaxlisa.models.layers import BATCH_LEN_EMBED, Embed, LayerNorm, ViTBlockSpec, constrain, dtypes, vit_encoder
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig(ConfigMixin):
+class CLIPVisionConfig(VisionTowerConfig):
   """Architecture + numerics of a CLIP vision tower. Field names follow HF `CLIPVisionConfig`."""
   hidden_size: int = 1024
   intermediate_size: int = 4096
@@ -43,11 +43,6 @@ class CLIPVisionConfig(ConfigMixin):
   num_channels: int = 3
   layer_norm_eps: float = 1e-5
   hidden_act: str = "quick_gelu"
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = True
-  remat_policy: str = "none"
-  attention_impl: str = "xla"
 
   @classmethod
   def vit_l14(cls, image_size: int = 224, **kw) -> "CLIPVisionConfig":
@@ -56,14 +51,6 @@ class CLIPVisionConfig(ConfigMixin):
       raise ValueError(f"CLIP ViT-L/14 exists at 224 and 336 px, not {image_size}")
     return cls(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                image_size=image_size, patch_size=14, **kw)
-
-  @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_attention_heads
-
-  @property
-  def grid(self) -> int:
-    return self.image_size // self.patch_size
 
   @property
   def num_positions(self) -> int:
@@ -75,7 +62,6 @@ class CLIPVisionConfig(ConfigMixin):
     return ViTBlockSpec(num_heads=self.num_attention_heads, head_dim=self.head_dim,
                         mlp_dim=self.intermediate_size, hidden_act=self.hidden_act, eps=self.layer_norm_eps,
                         dtype=self.dtype, param_dtype=self.param_dtype, attention_impl=self.attention_impl)
-
 
 
 @flax.struct.dataclass
@@ -231,7 +217,3 @@ def select_features(hidden_states, layer: int = -2, kind: str = "patch") -> jax.
   if kind == "cls_patch":
     return feats
   raise ValueError(f"unknown vision feature kind {kind!r}; expected 'patch' or 'cls_patch'")
-
-
-def dummy_inputs(c: CLIPVisionConfig):
-  return (jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32),)

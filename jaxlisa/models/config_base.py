@@ -1,4 +1,7 @@
-"""The shared behaviour of the frozen model-config dataclasses."""
+"""The shared behaviour of the frozen model-config dataclasses: ConfigMixin (replace / to_dict /
+from_dict, nested configs, checked attention / remat names), LayerStackConfig (the numerics and
+layer-stack fields of a transformer stack) and VisionTowerConfig (a ViT tower's derived sizes and
+dummy input). Every model config has `dummy_inputs()`: the arguments of its module's init."""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import dataclasses
 import functools
 import typing
 from typing import Any
+
+import jax.numpy as jnp
 
 from jaxlisa.models import attention as attn_lib
 from jaxlisa.models import layers
@@ -58,3 +63,34 @@ class ConfigMixin:
     nested = cls.nested_fields()
     return cls(**{k: nested[k].from_dict(v) if k in nested and isinstance(v, dict) else _tuples(v)
                   for k, v in d.items()})
+
+  def dummy_inputs(self) -> tuple:
+    """The smallest arguments the model's `init` takes (a subclass that builds a module says which)."""
+    raise NotImplementedError(f"{type(self).__name__} has no dummy_inputs")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStackConfig(ConfigMixin):
+  """Numerics and layer-stack fields of a transformer stack (CLIP, EVA, decoder LMs); a subclass's
+  own fields come after these."""
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  attention_impl: str = "xla"
+
+
+class VisionTowerConfig(LayerStackConfig):
+  """A ViT tower's derived sizes and dummy input, from the subclass's hidden_size,
+  num_attention_heads, image_size, patch_size and num_channels."""
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  def dummy_inputs(self) -> tuple:
+    return (jnp.zeros((1, self.image_size, self.image_size, self.num_channels), jnp.float32),)

@@ -27,13 +27,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxlisa.models.config_base import ConfigMixin
+from jaxlisa.models.config_base import VisionTowerConfig
 from jaxlisa.models.clip import PatchConv, resize_pos_embed
 from jaxlisa.models.layers import BATCH_LEN_EMBED, LayerNorm, ViTBlockSpec, constrain, dtypes, vit_encoder
 
 
 @dataclasses.dataclass(frozen=True)
-class EVAViTConfig(ConfigMixin):
+class EVAViTConfig(VisionTowerConfig):
   image_size: int = 224
   patch_size: int = 14
   num_channels: int = 3
@@ -46,11 +46,6 @@ class EVAViTConfig(ConfigMixin):
   hidden_act: str = "gelu"  # nn.GELU, exact
   use_ln_vision: bool = True
   ln_vision_eps: float = 1e-5
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = True
-  remat_policy: str = "none"
-  attention_impl: str = "xla"
 
   @classmethod
   def eva_vit_g(cls, image_size: int = 224, **kw) -> "EVAViTConfig":
@@ -59,21 +54,12 @@ class EVAViTConfig(ConfigMixin):
                num_attention_heads=1408 // 88, mlp_dim=int(1408 * 4.3637), **kw)
 
   @property
-  def head_dim(self) -> int:
-    return self.hidden_size // self.num_attention_heads
-
-  @property
-  def grid(self) -> int:
-    return self.image_size // self.patch_size
-
-  @property
   def block_spec(self) -> ViTBlockSpec:
     """LAVIS EVA `Block`: norm1, attn (fused qkv + q_bias/v_bias, proj), norm2, mlp (fc1, fc2)."""
     return ViTBlockSpec(num_heads=self.num_attention_heads, head_dim=self.head_dim, mlp_dim=self.mlp_dim,
                         hidden_act=self.hidden_act, eps=self.layer_norm_eps, dtype=self.dtype,
                         param_dtype=self.param_dtype, attention_impl=self.attention_impl, fused_qkv=True,
                         qkv_bias=self.qkv_bias, names=("norm1", "attn", "norm2", "mlp", "proj"))
-
 
 
 @flax.struct.dataclass
@@ -125,7 +111,3 @@ class EVAVisionTransformer(nn.Module):
     if output_hidden_states:
       hidden = (h0, *[stacked[i] for i in range(c.num_hidden_layers)])
     return EVAOutput(last_hidden_state=h, image_embeds=embeds, hidden_states=hidden)
-
-
-def dummy_inputs(c: EVAViTConfig):
-  return (jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32),)

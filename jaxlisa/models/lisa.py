@@ -57,6 +57,14 @@ class LisaConfig(ConfigMixin):
   def num_image_tokens(self) -> int:
     return self.llava.tokens_per_crop
 
+  def dummy_inputs(self) -> tuple:
+    """(input_ids [1, 1, N + 4] with the image's N placeholders, attention_mask, CLIP pixels, SAM pixels)."""
+    n = self.num_image_tokens
+    ids = jnp.zeros((1, 1, n + 4), jnp.int32).at[0, 0, 1:n + 1].set(self.llava.image_token_index)
+    v, s = self.llava.vision, self.sam
+    return (ids, jnp.ones_like(ids), jnp.zeros((1, v.image_size, v.image_size, 3)),
+            jnp.zeros((1, s.img_size, s.img_size, 3)))
+
 
 @flax.struct.dataclass
 class LisaOutput:
@@ -167,11 +175,3 @@ class Lisa(nn.Module):
                       seg_valid=valid.reshape(n_img, n_conv, k),
                       low_res_masks=low_res.reshape(n_img, n_conv, k, *low_res.shape[-2:]),
                       pred_masks=pred, point_masks=point_pred)
-
-
-def dummy_inputs(c: LisaConfig):
-  n = c.num_image_tokens
-  ids = jnp.zeros((1, 1, n + 4), jnp.int32).at[0, 0, 1:n + 1].set(c.llava.image_token_index)
-  v, s = c.llava.vision, c.sam
-  return (ids, jnp.ones_like(ids), jnp.zeros((1, v.image_size, v.image_size, 3)),
-          jnp.zeros((1, s.img_size, s.img_size, 3)))

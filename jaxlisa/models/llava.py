@@ -126,6 +126,13 @@ class LlavaConfig(ConfigMixin):
   def has_image_newline(self) -> bool:
     return "unpad" in self.mm_patch_merge_type
 
+  def dummy_inputs(self) -> tuple:
+    """(input_ids [1, 2 + N] with one image's N placeholders, attention_mask, pixels [1, S, S, C])."""
+    n = self.tokens_per_crop
+    ids = jnp.full((1, n + 2), self.image_token_index, jnp.int32).at[:, :2].set(1)
+    pixels = jnp.zeros((1, self.vision.image_size, self.vision.image_size, self.vision.num_channels), jnp.float32)
+    return ids, jnp.ones_like(ids), pixels
+
 
 # ----------------------------------------------------------------------------- host-side layout
 def _crop_layout(cfg: LlavaConfig, image_size: Sequence[int] | None) -> np.ndarray:
@@ -350,12 +357,5 @@ class Llava(nn.Module):
                                deterministic=deterministic)
 
 
-def dummy_inputs(c: LlavaConfig):
-  n = c.tokens_per_crop
-  ids = jnp.full((1, n + 2), c.image_token_index, jnp.int32).at[:, :2].set(1)
-  pixels = jnp.zeros((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels), jnp.float32)
-  return ids, jnp.ones_like(ids), pixels
-
-
 __all__ = ["LlavaConfig", "Llava", "LlavaProjector", "merge_image_features", "anyres_feature_index",
-           "num_image_tokens", "num_crops", "dummy_inputs"]
+           "num_image_tokens", "num_crops"]

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxlisa.models.config_base import ConfigMixin
+from jaxlisa.models.config_base import LayerStackConfig
 from jaxlisa.models import attention as attn_lib
 from jaxlisa.models.layers import (BATCH_LEN_EMBED, DenseGeneral, Embed, FeedForward, LayerNorm, RMSNorm,
                                    activation, constrain, dtypes, layer_stack)
@@ -42,7 +42,7 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen", "opt")
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig(ConfigMixin):
+class DecoderConfig(LayerStackConfig):
   """Architecture + numerics of a decoder LM. Field names follow HF where one exists."""
   family: str = "llama"
   vocab_size: int = 32000
@@ -80,12 +80,6 @@ class DecoderConfig(ConfigMixin):
   lora_alpha: float = 16.0
   lora_dropout: float = 0.05
   lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-  # numerics and scaling
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = True
-  remat_policy: str = "none"
-  attention_impl: str = "xla"
 
   def __post_init__(self):
     super().__post_init__()
@@ -130,6 +124,9 @@ class DecoderConfig(ConfigMixin):
     """Width of the token embedding (OPT's word_embed_proj_dim)."""
     return self.word_embed_proj_dim or self.hidden_size
 
+  def dummy_inputs(self) -> tuple:
+    """(input_ids [1, 2],)."""
+    return (jnp.zeros((1, 2), jnp.int32),)
 
 
 @flax.struct.dataclass

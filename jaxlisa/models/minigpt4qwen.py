@@ -62,6 +62,12 @@ class MiniGPT4QwenConfig(ConfigMixin):
     return self.replace(llm=self.llm.replace(lora_rank=rank, lora_alpha=alpha, lora_dropout=dropout,
                                              lora_targets=targets))
 
+  def dummy_inputs(self) -> tuple:
+    """(pixels [1, S, S, C], input_ids [1, 4], attention_mask [1, 4])."""
+    v = self.vision
+    return (jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32), jnp.zeros((1, 4), jnp.int32),
+            jnp.ones((1, 4), jnp.int32))
+
 
 @flax.struct.dataclass
 class MiniGPT4QwenOutput:
@@ -111,9 +117,3 @@ class MiniGPT4Qwen(_Blip2Base):
     out = self.llm_model(inputs_embeds=embeds, attention_mask=attention_mask, deterministic=deterministic)
     loss = None if labels is None else causal_lm_cross_entropy(out.logits, labels)
     return MiniGPT4QwenOutput(logits=out.logits, loss=loss)
-
-
-def dummy_inputs(c: MiniGPT4QwenConfig):
-  v = c.vision
-  return (jnp.zeros((1, v.image_size, v.image_size, v.num_channels), jnp.float32), jnp.zeros((1, 4), jnp.int32),
-          jnp.ones((1, 4), jnp.int32))

@@ -84,13 +84,11 @@ class QFormerConfig(ConfigMixin):
     return layer % self.cross_attention_freq == 0
 
 
-
 @flax.struct.dataclass
 class QFormerOutput:
   last_hidden_state: jax.Array  # [B, Q + T, D] (query positions first)
   query_kv: dict | None = None  # {'k','v': [L, B, Q, N, H]} self-attention K/V of the query positions
   cache: dict | None = None  # {'k','v': [L, B, S, N, H]} text KV cache after this call
-
 
 
 def self_attention_mask(b: int, q_len: int, t_len: int, *, prefix_len: int = 0,

@@ -109,6 +109,9 @@ class SamConfig(ConfigMixin):
   def num_mask_tokens(self) -> int:
     return self.num_multimask_outputs + 1
 
+  def dummy_inputs(self) -> tuple:
+    """(pixels [1, S, S, C],): the image encoder's input (the module's init)."""
+    return (jnp.zeros((1, self.img_size, self.img_size, self.in_chans), jnp.float32),)
 
 
 def vit_h(**kw) -> SamConfig:
@@ -131,7 +134,6 @@ def tiny(**kw) -> SamConfig:
 
 
 PRESETS = {"vit_h": vit_h, "vit_l": vit_l, "vit_b": vit_b, "tiny": tiny}
-
 
 
 # ----------------------------------------------------------------------------- interpolation

@@ -12,20 +12,15 @@ import importlib
 
 from jaxlisa.training.task import Task
 
-# Task names whose module has another name (jaxlisa/tasks/<module>.py).
-MODULES = {"blip2_stage1": "blip2"}
+# config.task -> the module (jaxlisa/tasks/<name>.py) whose `Task` it is; imported when asked for.
+TASKS = ("lm", "lisa", "blip2_stage1", "minigpt4qwen")
 
 
 def get_task(config, workdir: str) -> Task:
   """The task config.task names, built without I/O (call its prepare() before training)."""
-  name = MODULES.get(config.task, config.task)
-  try:
-    module = importlib.import_module(f"jaxlisa.tasks.{name}")
-  except ModuleNotFoundError as e:
-    if e.name != f"jaxlisa.tasks.{name}":
-      raise
-    raise ValueError(f"unknown task {config.task!r}: no module jaxlisa/tasks/{name}.py") from None
-  return module.Task(config, workdir)
+  if config.task not in TASKS:
+    raise ValueError(f"unknown task {config.task!r}; known tasks: {', '.join(TASKS)}")
+  return importlib.import_module(f"jaxlisa.tasks.{config.task}").Task(config, workdir)
 
 
 def prepared_task(config, workdir: str) -> Task:

@@ -173,12 +173,7 @@ class Task(TaskBase):
 
   # ---------------------------------------------------------------------------------- model
   def init(self, rng):
-    c = self.model_config
-    n = c.num_image_tokens
-    ids = jnp.zeros((1, 1, n + 4), jnp.int32).at[0, 0, 1:n + 1].set(c.llava.image_token_index)
-    v, s = c.llava.vision, c.sam
-    return self.model.init(rng, ids, jnp.ones_like(ids), jnp.zeros((1, v.image_size, v.image_size, 3)),
-                           jnp.zeros((1, s.img_size, s.img_size, 3)))["params"]
+    return self.model.init(rng, *self.model_config.dummy_inputs())["params"]
 
   def pretrained(self):
     return self._pretrained[1] if self._pretrained is not None else None

@@ -30,10 +30,10 @@ import numpy as np
 from absl import logging
 
 from jaxlisa.constants import IGNORE_INDEX
-from jaxlisa.data import chatml, image_text, synthetic_captions
+from jaxlisa.data import chatml, image_text, synthetic_captions, tokenization
 from jaxlisa.models import minigpt4qwen as m4q
 from jaxlisa.tasks import model_config
-from jaxlisa.tasks.blip2 import CaptionDataTask, convert_part, convert_whole, fit_to
+from jaxlisa.tasks.captions import CaptionDataTask, convert_part, convert_whole, fit_to
 from jaxlisa.training import partition
 
 
@@ -53,7 +53,7 @@ def model_config_from(config, tokenizer) -> m4q.MiniGPT4QwenConfig:
 
 
 def trainable_patterns(c: m4q.MiniGPT4QwenConfig) -> list[str]:
-  """Regexes (full match on '/'-joined param paths, for jaxlisa.training.optimizer.trainable_mask) of what
+  """Regexes (full match on '/'-joined param paths, for jaxlisa.training.partition.trainable_mask) of what
   trains under the model config's freeze switches (minigpt4qwen.yaml defaults: only llm_proj)."""
   pats = []
   if not c.freeze_vit:
@@ -103,8 +103,8 @@ class Task(CaptionDataTask):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 
   def _train_tokenizer(self, texts):
-    return synthetic_captions.load_or_train(self.tokenizer_dir, synthetic_captions.train_chatml_tokenizer, texts,
-                                            vocab_size=self.config.data.vocab_size)
+    return tokenization.load_or_train(self.tokenizer_dir, synthetic_captions.train_chatml_tokenizer, texts,
+                                      vocab_size=self.config.data.vocab_size)
 
   def _source(self, anns, root, split):
     """ChatML ids / labels of every conversation (MiniGPT4Qwen.preprocess), one image each."""
@@ -126,7 +126,7 @@ class Task(CaptionDataTask):
 
   # ---------------------------------------------------------------------------------- model
   def init(self, rng):
-    return self.model.init(rng, *m4q.dummy_inputs(self.model_config))["params"]
+    return self.model.init(rng, *self.model_config.dummy_inputs())["params"]
 
   def trainable_mask(self, params):
     pats = tuple(self.config.trainable) or tuple(trainable_patterns(self.model_config))
