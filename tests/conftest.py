@@ -205,7 +205,7 @@ def tiny_lisa(tokenizer):
   from jaxlisa.models import lisa as lisa_lib  # pylint: disable=import-outside-toplevel
   from jaxlisa.tasks.lisa import model_config_from  # pylint: disable=import-outside-toplevel
   model = lisa_lib.Lisa(model_config_from(lisa_tiny.get_config(), tokenizer))
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), *lisa_lib.dummy_inputs(model.config))["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), *model.config.dummy_inputs())["params"]
   return model, jax.tree.map(np.array, nn.meta.unbox(params))
 
 
